@@ -1,0 +1,1 @@
+"""How the stack starts: the embedded local stack, topic bootstrap, deployment files."""

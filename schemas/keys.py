@@ -1,0 +1,44 @@
+"""Every Redis key the system reads or writes, built in one place.
+
+A prefix isolates deployments and test runs sharing one Redis.
+"""
+
+from __future__ import annotations
+
+
+class RedisKeys:
+    def __init__(self, prefix: str = "recsys:") -> None:
+        self.prefix = prefix
+
+    def recommendations(self, user_id: str, surface: str) -> str:
+        """Precomputed list for (user, surface), written by flows/recommendations."""
+        return f"{self.prefix}recs:{surface}:{user_id}"
+
+    def user_recent(self, user_id: str) -> str:
+        return f"{self.prefix}user:recent:{user_id}"
+
+    def item_neighbours(self, item_id: str) -> str:
+        """Co-visitation neighbours of an item (sorted set)."""
+        return f"{self.prefix}covisit:{item_id}"
+
+    def trending(self, region: str | None = None) -> str:
+        return f"{self.prefix}trending:{region or 'global'}"
+
+    def item_meta(self, item_id: str) -> str:
+        return f"{self.prefix}item:meta:{item_id}"
+
+    def api_key(self, key_hash: str) -> str:
+        return f"{self.prefix}apikey:{key_hash}"
+
+    def rate_limit(self, key_id: str) -> str:
+        return f"{self.prefix}ratelimit:{key_id}"
+
+    def exposure(self, user_id: str, day: str) -> str:
+        return f"{self.prefix}exposure:{day}:{user_id}"
+
+    def model_registry(self) -> str:
+        return f"{self.prefix}models"
+
+    def demo_loaded(self) -> str:
+        """Marker set by the demo loader (value: the broker run it loaded into)."""
+        return f"{self.prefix}demo:loaded"

@@ -1,0 +1,97 @@
+"""The FastAPI app factory: clients built once in the lifespan, one router per resource.
+
+    uvicorn serving.app:create_app --factory
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serving.config import Settings, load_settings
+from serving.errors import error_body, install_error_handlers
+from serving.publisher import EventPublisher
+from serving.routes import catalog, health, interactions
+
+log = logging.getLogger(__name__)
+
+
+class BodySizeLimit:
+    """413 for bodies over the limit, before anything parses them (Content-Length or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited_receive():  # type: ignore[no-untyped-def]
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = ORJSONResponse(
+            error_body("payload_too_large", f"request body exceeds {self.max_bytes} bytes"), status_code=413
+        )
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.publisher = EventPublisher(settings)
+        app.state.redis = aioredis.Redis.from_url(
+            settings.redis.url,
+            socket_timeout=settings.redis.socket_timeout_s,
+            socket_connect_timeout=settings.redis.socket_timeout_s,
+        )
+        try:
+            yield
+        finally:
+            app.state.publisher.close()
+            await app.state.redis.aclose()
+
+    app = FastAPI(
+        title="recsys",
+        version="0.1.0",
+        description="Streaming-first recommendation service (Kappa: Kafka -> Bytewax -> Feast/Milvus -> FastAPI).",
+        default_response_class=ORJSONResponse,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(interactions.router)
+    app.include_router(catalog.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
+    return app

@@ -1,0 +1,84 @@
+"""Domain errors carry their HTTP status; one set of handlers maps every error to ErrorResponse."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from schemas.api import ErrorDetail, ErrorResponse
+from schemas.events import DeadLetterRecord
+from schemas.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    status_code = 400
+    error = "bad_request"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    error = "payload_too_large"
+
+
+class ServiceUnavailable(ApiError):
+    status_code = 503
+    error = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 2) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+def error_body(error: str, message: str, details: list[ErrorDetail] | None = None) -> dict[str, object]:
+    return ErrorResponse(error=error, message=message, details=details or []).model_dump(mode="json")
+
+
+def _field_path(loc: tuple[object, ...]) -> str:
+    # ("body", "events", 3, "user_id") -> "events[3].user_id"
+    path = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or str(loc[0] if loc else "body")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> ORJSONResponse:
+        return ORJSONResponse(error_body(exc.error, exc.message), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+        details = [ErrorDetail(field=_field_path(tuple(e.get("loc", ()))), message=e.get("msg", "invalid")) for e in exc.errors()]
+        message = "; ".join(f"{d.field}: {d.message}" for d in details[:5])
+        if request.url.path.startswith("/interactions"):
+            _dead_letter_rejected(request, message, exc.body)
+        return ORJSONResponse(error_body("validation_error", message, details), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+        error = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(exc.status_code, "http_error")
+        return ORJSONResponse(error_body(error, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def _dead_letter_rejected(request: Request, reason: str, body: object) -> None:
+    """Rejected events are answered 422 *and* kept on the dead-letter topic with the reason."""
+    publisher = getattr(request.app.state, "publisher", None)
+    if publisher is None or body is None:
+        return
+    if not isinstance(body, bytes | str):
+        body = orjson.dumps(body, default=str)
+    settings = request.app.state.settings
+    record = DeadLetterRecord.wrap(source="api", reason=reason, payload=body, topic=settings.topic(Topics.INTERACTIONS))
+    publisher.publish_nowait(settings.topic(Topics.DEAD_LETTER), "api", record.to_json())
