@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.config import Settings, load_settings
@@ -54,7 +54,7 @@ class BodySizeLimit:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = ORJSONResponse(
+        response = JSONResponse(
             error_body("payload_too_large", f"request body exceeds {self.max_bytes} bytes"), status_code=413
         )
         await response(scope, receive, send)
@@ -85,7 +85,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="recsys",
         version="0.1.0",
         description="Streaming-first recommendation service (Kappa: Kafka -> Bytewax -> Feast/Milvus -> FastAPI).",
-        default_response_class=ORJSONResponse,
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -8,7 +8,7 @@ import orjson
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.api import ErrorDetail, ErrorResponse
@@ -55,21 +55,21 @@ def _field_path(loc: tuple[object, ...]) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> ORJSONResponse:
-        return ORJSONResponse(error_body(exc.error, exc.message), status_code=exc.status_code, headers=exc.headers)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.error, exc.message), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = [ErrorDetail(field=_field_path(tuple(e.get("loc", ()))), message=e.get("msg", "invalid")) for e in exc.errors()]
         message = "; ".join(f"{d.field}: {d.message}" for d in details[:5])
         if request.url.path.startswith("/interactions"):
             _dead_letter_rejected(request, message, exc.body)
-        return ORJSONResponse(error_body("validation_error", message, details), status_code=422)
+        return JSONResponse(error_body("validation_error", message, details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(exc.status_code, "http_error")
-        return ORJSONResponse(error_body(error, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(error_body(error, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 def _dead_letter_rejected(request: Request, reason: str, body: object) -> None:

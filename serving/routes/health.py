@@ -6,7 +6,7 @@ import asyncio
 import urllib.request
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 
 from serving.config import Settings
 
@@ -19,7 +19,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> ORJSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     """200 when every dependency answers; 503 naming the ones that do not."""
     settings: Settings = request.app.state.settings
     checks = await asyncio.gather(
@@ -32,7 +32,7 @@ async def readyz(request: Request) -> ORJSONResponse:
     body = {"status": "ready" if not down else "not_ready", "dependencies": status}
     if down:
         body["message"] = f"unreachable: {', '.join(down)}"
-    return ORJSONResponse(body, status_code=503 if down else 200)
+    return JSONResponse(body, status_code=503 if down else 200)
 
 
 async def _redis_ok(request: Request) -> bool:
