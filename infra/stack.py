@@ -118,13 +118,7 @@ class EmbeddedStack:
             pid = int(self.pid_file(name).read_text().strip())
         except (OSError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return pid
+        return pid if _group_alive(pid) else None
 
     def broker_run_id(self) -> str | None:
         """Changes each time the broker starts; its memory storage starts empty then."""
@@ -144,9 +138,7 @@ class EmbeddedStack:
 
     def redis_server(self) -> Component:
         port = self.settings.stack.redis_port
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise StackError("no Redis answers and redis-server is not installed (apt-get install -y redis-server)")
+        binary = shutil.which("redis-server") or "redis-server"
         data = self.state / "redis"
         data.mkdir(parents=True, exist_ok=True)
         return Component(
@@ -201,18 +193,29 @@ class EmbeddedStack:
         )
 
     # -- lifecycle -----------------------------------------------------------
-    def start(self, component: Component) -> str:
-        """Start one component unless it already runs; wait until it is ready."""
-        if self.pid(component.name) and component.ready():
-            return "running"
+    def start(self, component: Component, adopt_external: bool = False) -> str:
+        """Start one component unless it already runs; wait until it is ready.
+
+        With ``adopt_external``, a service that already answers but was not started
+        here (a system Redis, a shared Milvus) is used as it is and never stopped here.
+        """
+        if self.pid(component.name):
+            if component.ready():
+                return "running"
+        elif adopt_external and component.ready():
+            return "external"
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **settings_env(self.settings), **component.env}
         log = self.log_file(component.name).open("ab")
-        process = subprocess.Popen(  # noqa: S603 (argv built here, no shell)
-            component.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=component.cwd or Path.cwd(), env=env, start_new_session=True,
-        )
+        try:
+            process = subprocess.Popen(  # noqa: S603 (argv built here, no shell)
+                component.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=component.cwd or Path.cwd(), env=env, start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            hint = " (apt-get install -y redis-server)" if component.name == REDIS else ""
+            raise StackError(f"{component.name}: {component.argv[0]} not found{hint}") from exc
         self.pid_file(component.name).write_text(str(process.pid))
         deadline = time.monotonic() + self.settings.stack.start_timeout_s
         while time.monotonic() < deadline:
@@ -253,11 +256,9 @@ class EmbeddedStack:
         if state == "started":
             (self.state / "broker.run-id").write_text(uuid.uuid4().hex)
         echo(f"broker   {state:8} {self.settings.kafka.bootstrap_servers}")
-        if redis_ok(self.settings.redis.url) and not self.pid(REDIS):
-            echo(f"redis    external {self.settings.redis.url}")
-        else:
-            echo(f"redis    {self.start(self.redis_server()):8} {self.settings.redis.url}")
-        echo(f"milvus   {self.start(self.milvus()):8} {self.settings.milvus.uri} ({self.settings.stack.milvus_backend})")
+        echo(f"redis    {self.start(self.redis_server(), adopt_external=True):8} {self.settings.redis.url}")
+        milvus = self.start(self.milvus(), adopt_external=True)
+        echo(f"milvus   {milvus:8} {self.settings.milvus.uri} ({self.settings.stack.milvus_backend})")
         created = ensure_topics(self.settings)
         echo(f"topics   {'created ' + ', '.join(created) if created else 'present'}")
 
@@ -281,11 +282,20 @@ class EmbeddedStack:
 
 
 def _group_alive(pgid: int) -> bool:
+    """True while any non-zombie process is left in the process group (Linux /proc)."""
     try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+        os.waitpid(pgid, os.WNOHANG)  # reap our own child so it does not linger as a zombie
+    except ChildProcessError:
+        pass
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid pgrp ...": comm may contain spaces, so split after ')'.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from schemas.events import (
     Surface,
 )
 from schemas.keys import RedisKeys
-from schemas.topics import ALL_TOPICS, TopicSpec, Topics
+from schemas.topics import ALL_TOPICS, Topics, TopicSpec
 
 __all__ = [
     "ALL_TOPICS",

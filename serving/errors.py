@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import orjson
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from infra.kafka import ensure_topics
-from infra.stack import MILVUS, REDIS, EmbeddedStack, redis_ok
+from infra.stack import EmbeddedStack
 from serving.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,14 +47,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
                "broker_listen": f"127.0.0.1:{broker_port}"},
     )
     stack = EmbeddedStack(settings)
-    started = [stack.broker().name]
     stack.start(stack.broker())
-    if not redis_ok(settings.redis.url):
-        stack.start(stack.redis_server())
-        started.append(REDIS)
-    if not stack._milvus_answers():
-        stack.start(stack.milvus())
-        started.append(MILVUS)
+    started = [stack.broker().name]
+    for component in (stack.redis_server(), stack.milvus()):
+        if stack.start(component, adopt_external=True) == "started":
+            started.append(component.name)
     yield stack
     for name in started:
         stack.stop(name)

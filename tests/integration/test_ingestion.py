@@ -10,7 +10,7 @@ from confluent_kafka import Consumer
 from fastapi.testclient import TestClient
 
 from infra.kafka import consumer_config
-from schemas.topics import TopicSpec, Topics
+from schemas.topics import Topics, TopicSpec
 from serving.app import create_app
 from serving.config import Settings
 
