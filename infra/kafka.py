@@ -68,3 +68,17 @@ def ensure_topics(settings: Settings, specs: tuple[TopicSpec, ...] = ALL_TOPICS,
     if created:
         log.info("topics_created %s", created)
     return created
+
+
+def main() -> int:
+    """Create the topics on the configured broker (compose's one-shot `init-topics`)."""
+    from serving.config import load_settings
+
+    settings = load_settings()
+    created = ensure_topics(settings, timeout_s=30.0)
+    print(f"topics on {settings.kafka.bootstrap_servers}: created {created or 'none (all present)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
