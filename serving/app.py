@@ -14,10 +14,14 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from schemas.security import ApiScope
+from serving import metrics
 from serving.config import Settings, load_settings
 from serving.errors import error_body, install_error_handlers
+from serving.logging import RequestContext, configure_logging
 from serving.publisher import EventPublisher
 from serving.routes import catalog, health, interactions
+from serving.security import ApiKeyAuthenticator, require_scope
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class _TooLarge(Exception):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
+    configure_logging(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=settings.redis.socket_timeout_s,
             socket_connect_timeout=settings.redis.socket_timeout_s,
         )
+        app.state.authenticator = ApiKeyAuthenticator(settings, app.state.redis)
         try:
             yield
         finally:
@@ -89,8 +95,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    # The access policy, in one place: which API key scope each router needs
+    # (admin holds every scope). /healthz, /readyz and /metrics stay open.
     app.include_router(health.router)
-    app.include_router(interactions.router)
-    app.include_router(catalog.router)
+    app.include_router(metrics.router)
+    app.include_router(interactions.router, dependencies=[require_scope(ApiScope.events_write)])
+    app.include_router(catalog.router, dependencies=[require_scope(ApiScope.catalog_write)])
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
+    # Outermost: request ids, latency and status metrics also cover the 413s above.
+    app.add_middleware(RequestContext, max_request_id_length=settings.observability.max_request_id_length)
     return app

@@ -51,6 +51,40 @@ class ApiSettings(BaseModel):
     max_body_bytes: int = 2_000_000
 
 
+# Refused outside development/test (see Settings._check_production).
+DEV_API_KEY_PEPPER = "insecure-development-pepper"
+
+
+class SecuritySettings(BaseModel):
+    """API keys, scopes and per-key rate limits (serving/security.py, infra/apikeys.py)."""
+
+    # Off only for local experiments: every route then answers without a key.
+    auth_enabled: bool = True
+    # Secret mixed into every key hash (HMAC-SHA256): a leaked Redis dump alone
+    # cannot be used to check guessed keys. Changing it invalidates every key.
+    api_key_pepper: str = DEV_API_KEY_PEPPER
+    # Key records are cached in-process this long: a revoked key keeps working on
+    # a replica for at most this many seconds. 0 disables the cache.
+    key_cache_ttl_s: float = 5.0
+    # While Redis is unreachable a key seen valid within this window is still
+    # accepted (without rate limiting) so serving degrades instead of failing;
+    # unknown keys get 503. 0 turns this grace off (fail closed).
+    redis_outage_grace_s: float = 300.0
+    # Token bucket for keys created without --rate/--burst.
+    default_rate_per_s: float = 50.0
+    default_burst: int = 100
+
+
+class ObservabilitySettings(BaseModel):
+    """Structured logs and Prometheus metrics (serving/logging.py, serving/metrics.py)."""
+
+    # "json": one JSON object per line (production); "text": human-readable (local debugging).
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+    # A client's X-Request-ID is kept only if it is this short and plain; else a new one is made.
+    max_request_id_length: int = 128
+
+
 class StackSettings(BaseModel):
     """The embedded local stack (infra/stack.py)."""
 
@@ -74,11 +108,25 @@ class Settings(BaseSettings):
     milvus: MilvusSettings = Field(default_factory=MilvusSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     stack: StackSettings = Field(default_factory=StackSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
 
     @model_validator(mode="after")
     def _check_production(self) -> Settings:
         if self.environment == "production" and "127.0.0.1" in self.kafka.bootstrap_servers:
             raise ValueError("production settings point Kafka at loopback; set RECSYS_KAFKA__BOOTSTRAP_SERVERS")
+        if self.environment not in ("development", "test"):
+            if self.security.api_key_pepper == DEV_API_KEY_PEPPER:
+                raise ValueError(
+                    f"environment {self.environment!r} refuses the default API key pepper; "
+                    "set RECSYS_SECURITY__API_KEY_PEPPER to a long random secret"
+                )
+            if not self.security.auth_enabled:
+                raise ValueError(
+                    f"environment {self.environment!r} refuses RECSYS_SECURITY__AUTH_ENABLED=false"
+                )
+            if len(self.security.api_key_pepper) < 16:
+                raise ValueError("RECSYS_SECURITY__API_KEY_PEPPER must be at least 16 characters")
         return self
 
     def topic(self, spec: TopicSpec) -> str:

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from schemas.api import ErrorDetail, ErrorResponse
 from schemas.events import DeadLetterRecord
 from schemas.topics import Topics
+from serving.metrics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,30 @@ def install_error_handlers(app: FastAPI) -> None:
         error = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(error, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Runs outermost (Starlette's ServerErrorMiddleware), which logs the traceback;
+        # the client gets the request id to quote, never internals.
+        request_id = request.scope.get("state", {}).get("request_id", "")
+        return JSONResponse(
+            error_body("internal_error", f"internal error; quote request_id {request_id} when reporting it"),
+            status_code=500,
+            headers={"X-Request-ID": request_id} if request_id else None,
+        )
+
 
 def _dead_letter_rejected(request: Request, reason: str, body: object) -> None:
     """Rejected events are answered 422 *and* kept on the dead-letter topic with the reason."""
     publisher = getattr(request.app.state, "publisher", None)
     if publisher is None or body is None:
         return
+    settings = request.app.state.settings
+    if settings.security.auth_enabled and getattr(request.state, "api_key", None) is None:
+        # Unparseable JSON is rejected before authentication runs: an anonymous
+        # caller must not be able to write to the dead-letter topic.
+        return
     if not isinstance(body, bytes | str):
         body = orjson.dumps(body, default=str)
-    settings = request.app.state.settings
     record = DeadLetterRecord.wrap(source="api", reason=reason, payload=body, topic=settings.topic(Topics.INTERACTIONS))
     publisher.publish_nowait(settings.topic(Topics.DEAD_LETTER), "api", record.to_json())
+    DEAD_LETTERS.labels(source="api").inc()

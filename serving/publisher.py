@@ -21,6 +21,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from infra.kafka import producer_config
 from serving.config import Settings
+from serving.metrics import PRODUCE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class EventPublisher:
     async def publish_many(self, topic: str, records: Sequence[tuple[str, bytes]]) -> None:
         """Produce (key, value) records and wait until the broker acknowledged all of them."""
         if self._down_since is not None and time.monotonic() - self._down_since < self.DOWN_BACKOFF_S:
+            PRODUCE_ERRORS.labels(topic=topic).inc(len(records))
             raise BrokerUnavailable(f"broker unreachable: {self._last_error or 'no connection'}")
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[None]] = []
@@ -85,12 +87,14 @@ class EventPublisher:
                 self._producer.produce(topic, value=value, key=key.encode(), on_delivery=make_callback(future))
             except KafkaException as exc:
                 self._cancel(futures)
+                PRODUCE_ERRORS.labels(topic=topic).inc(len(records))
                 raise BrokerUnavailable(str(exc)) from exc
         try:
             async with asyncio.timeout(self.settings.kafka.produce_timeout_s + 0.5):
                 await asyncio.gather(*futures)
         except (TimeoutError, KafkaException) as exc:
             self.failed += len(records)
+            PRODUCE_ERRORS.labels(topic=topic).inc(len(records))
             self._cancel(futures)
             if self._down_since is None:
                 self._down_since = time.monotonic()

@@ -69,5 +69,21 @@ def settings(stack: EmbeddedStack) -> Settings:
     return isolated
 
 
+@pytest.fixture
+def api_key(settings: Settings) -> str:
+    """A key with every scope, stored under this test's Redis prefix."""
+    from infra.apikeys import create_key
+    from schemas.security import ApiScope
+
+    key, _ = create_key(settings, "test", list(ApiScope), rate_per_s=0)
+    return key
+
+
+@pytest.fixture
+def auth_headers(api_key: str) -> dict[str, str]:
+    """Headers that authenticate as ``api_key``."""
+    return {"X-API-Key": api_key}
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"recsys tests; RECSYS_ENVIRONMENT={os.environ.get('RECSYS_ENVIRONMENT', 'test')}"

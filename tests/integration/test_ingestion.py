@@ -36,8 +36,8 @@ def read_topic(settings: Settings, spec: TopicSpec, expected: int, timeout_s: fl
 
 
 @pytest.fixture
-def client(settings: Settings):
-    with TestClient(create_app(settings)) as client:
+def client(settings: Settings, auth_headers: dict[str, str]):
+    with TestClient(create_app(settings), headers=auth_headers) as client:
         yield client
 
 
@@ -127,12 +127,12 @@ def test_catalog_routes_publish_explicit_records(client: TestClient, settings: S
     assert all(k == b"m1" for k, _ in items)
 
 
-def test_broker_down_answers_503_and_acknowledges_nothing(stack, settings: Settings) -> None:
+def test_broker_down_answers_503_and_acknowledges_nothing(stack, settings: Settings, auth_headers: dict[str, str]) -> None:
     """No acknowledged event may be lost: with the broker gone, nothing is acknowledged."""
     dead = settings.model_copy(deep=True)
     dead.kafka.bootstrap_servers = "127.0.0.1:1"  # nothing listens there
     dead.kafka.produce_timeout_s = 1.0
-    with TestClient(create_app(dead)) as client:
+    with TestClient(create_app(dead), headers=auth_headers) as client:
         response = client.post("/interactions", json=event())
         assert response.status_code == 503
         assert response.headers["retry-after"].isdigit()

@@ -1,0 +1,148 @@
+"""Prometheus metrics: every metric object of the service, named here, exposed on GET /metrics.
+
+In: observations from the HTTP middleware (serving/logging.py), the auth
+dependency, the publisher, the pipeline and the flows. Out: the Prometheus
+text format on ``/metrics`` (open, like /healthz: protect it at the network
+edge) and, for flow processes, on their own port (:func:`serve_metrics`).
+
+Add a measurement by importing the object, never by creating metrics
+elsewhere (a second registration of a name raises):
+
+    from serving.metrics import PIPELINE_STAGE_SECONDS, CACHE_LOOKUPS, FALLBACKS
+    with PIPELINE_STAGE_SECONDS.labels(stage="ann", surface=surface).time(): ...
+    CACHE_LOOKUPS.labels(cache="recs", result="hit").inc()
+    FALLBACKS.labels(reason="milvus_down").inc()
+
+Label values must come from small fixed sets (route templates, stage names,
+surfaces), never from ids: every distinct value is a new time series.
+One uvicorn worker per process: each replica is scraped on its own.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+# Fine buckets below 100 ms: the serving budget lives there (homepage p99 target).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1,
+                   0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# --- HTTP -------------------------------------------------------------------------
+HTTP_REQUEST_SECONDS = Histogram(
+    "recsys_http_request_duration_seconds",
+    "Time from request received to response sent, by route template.",
+    ["method", "route"],
+    buckets=LATENCY_BUCKETS,
+)
+HTTP_REQUESTS = Counter(
+    "recsys_http_requests_total",
+    "Requests answered, by route template and status code.",
+    ["method", "route", "status"],
+)
+HTTP_IN_FLIGHT = Gauge("recsys_http_requests_in_flight", "Requests being handled now.")
+
+# --- security ---------------------------------------------------------------------
+AUTH_FAILURES = Counter(
+    "recsys_auth_failures_total",
+    "Requests refused by authentication, authorisation or rate limiting.",
+    ["reason"],  # missing | unknown | forbidden | rate_limited
+)
+AUTH_STORE_ERRORS = Counter(
+    "recsys_auth_store_errors_total",
+    "API key checks that could not reach Redis (served from cache or answered 503).",
+)
+
+# --- event log --------------------------------------------------------------------
+PRODUCE_ERRORS = Counter(
+    "recsys_produce_errors_total",
+    "Records the broker did not acknowledge (the client got 503 and nothing was accepted).",
+    ["topic"],
+)
+DEAD_LETTERS = Counter(
+    "recsys_dead_letters_total",
+    "Records routed to the dead-letter topic, by where they were rejected.",
+    ["source"],  # api | flow name
+)
+
+# --- recommendation pipeline (set by serving/pipeline and the routes) ---------------
+PIPELINE_STAGE_SECONDS = Histogram(
+    "recsys_pipeline_stage_duration_seconds",
+    "Time spent in one stage of the live pipeline.",
+    ["stage", "surface"],  # stage: candidates_<source> | light_rank | heavy_rank | policy | ...
+    buckets=LATENCY_BUCKETS,
+)
+CACHE_LOOKUPS = Counter(
+    "recsys_cache_lookups_total",
+    "Cache lookups by cache and result; hit ratio = hit / (hit + miss + stale).",
+    ["cache", "result"],  # result: hit | miss | stale
+)
+FALLBACKS = Counter(
+    "recsys_fallbacks_total",
+    "Answers served from a fallback, by reason (a dependency down, a timeout, ...).",
+    ["reason"],
+)
+RECOMMENDATIONS_SERVED = Counter(
+    "recsys_recommendations_served_total",
+    "Recommendation lists served, by surface and where they came from.",
+    ["surface", "served_from"],
+)
+REQUESTS_SHED = Counter(
+    "recsys_requests_shed_total",
+    "Requests refused under overload, by surface (low-priority surfaces first).",
+    ["surface"],
+)
+
+# --- streaming freshness (set by the flows or a lag monitor) -----------------------
+FLOW_LAG_SECONDS = Gauge(
+    "recsys_flow_lag_seconds",
+    "Now minus the event time of the last record a flow processed (not the broker watermark).",
+    ["flow"],
+)
+FLOW_LAG_RECORDS = Gauge(
+    "recsys_flow_lag_records",
+    "Records produced (counted by the producer side) but not yet processed by a flow.",
+    ["flow"],
+)
+FRESHNESS_SECONDS = Gauge(
+    "recsys_feature_freshness_seconds",
+    "Age of the newest event reflected in a derived state (features, cache, vectors).",
+    ["state"],
+)
+FLOW_RECORDS = Counter(
+    "recsys_flow_records_total",
+    "Records a flow processed, by outcome.",
+    ["flow", "outcome"],  # ok | dead_letter
+)
+
+# --- live quality (from the impression and interaction logs) ------------------------
+QUALITY_CTR = Gauge("recsys_quality_ctr", "Click-through rate over the last window.", ["surface"])
+QUALITY_COVERAGE = Gauge(
+    "recsys_quality_catalog_coverage", "Share of the active catalogue shown over the last window."
+)
+QUALITY_DIVERSITY = Gauge(
+    "recsys_quality_intra_list_diversity", "Mean intra-list diversity of served lists.", ["surface"]
+)
+QUALITY_EXPOSURE_GINI = Gauge(
+    "recsys_quality_exposure_gini", "Gini coefficient of item exposure (1 = all on one item)."
+)
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    """Every metric in the Prometheus text format."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
+    """Expose this process's metrics on ``addr:port`` (for flow processes without an HTTP app)."""
+    start_http_server(port, addr=addr)

@@ -1,0 +1,259 @@
+"""API keys, scopes and per-key rate limits for the HTTP API.
+
+In: the key from the ``X-API-Key`` header (or ``Authorization: Bearer``).
+Out: the caller's :class:`ApiKeyRecord` on ``request.state.api_key``, or an error:
+401 missing/unknown key, 403 key lacks the route's scope, 429 + Retry-After
+when the key's token bucket is empty, 503 when the key store is unreachable
+and the key was never seen.
+
+Hot path: ONE Redis round trip per request. A Lua script (EVALSHA) looks the
+key up by its hash, checks the scope and takes a token from the key's bucket
+atomically, using Redis' clock so API replicas share one bucket. Key records
+are cached in-process for ``security.key_cache_ttl_s``; with a cached record
+the script skips the lookup and only charges the bucket. A revoked key
+therefore keeps working on a replica for at most that TTL.
+
+Only ``HMAC-SHA256(pepper, key)`` reaches Redis; the key itself is shown
+once, when it is created (infra/apikeys.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from functools import cache
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from schemas.security import ApiKeyRecord, ApiScope
+from serving.config import Settings
+from serving.errors import ApiError, ServiceUnavailable
+from serving.metrics import AUTH_FAILURES, AUTH_STORE_ERRORS
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "rk_"  # makes leaked keys easy to recognise in logs and secret scanners
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+    error = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status_code = 403
+    error = "forbidden"
+
+
+class RateLimited(ApiError):
+    status_code = 429
+    error = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+def new_api_key() -> str:
+    """A fresh random key (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(settings: Settings, key: str) -> str:
+    """The only form of a key that is stored: hex HMAC-SHA256 under the configured pepper."""
+    pepper = settings.security.api_key_pepper.encode()
+    return hmac.new(pepper, key.encode(), hashlib.sha256).hexdigest()
+
+
+def key_id_of(key_hash: str) -> str:
+    """Public id of a key: a prefix of its hash (safe to log)."""
+    return key_hash[:16]
+
+
+# KEYS[1] key record (hash), KEYS[2] token bucket (hash)
+# ARGV[1] required scope, ARGV[2] cost, ARGV[3] rate/s or "" (then read the record),
+# ARGV[4] burst (with ARGV[3])
+# Returns {code, retry_after_ms, record fields...}; code 1 ok, 0 unknown, 2 forbidden, 3 limited.
+_CHECK_LUA = """
+local rate = tonumber(ARGV[3])
+local burst = tonumber(ARGV[4])
+local record = {}
+if not rate then
+  record = redis.call('HGETALL', KEYS[1])
+  if #record == 0 then return {0, 0} end
+  local fields = {}
+  for i = 1, #record, 2 do fields[record[i]] = record[i + 1] end
+  local scopes = ',' .. (fields['scopes'] or '') .. ','
+  if not string.find(scopes, ',admin,', 1, true)
+     and not string.find(scopes, ',' .. ARGV[1] .. ',', 1, true) then
+    local out = {2, 0}
+    for i = 1, #record do out[#out + 1] = record[i] end
+    return out
+  end
+  rate = tonumber(fields['rate_per_s']) or 0
+  burst = tonumber(fields['burst']) or 1
+end
+local out = {1, 0}
+if rate > 0 then
+  local cost = tonumber(ARGV[2])
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local bucket = redis.call('HMGET', KEYS[2], 'tokens', 'ts')
+  local tokens = tonumber(bucket[1]) or burst
+  local ts = tonumber(bucket[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+  if tokens < cost then
+    out = {3, math.ceil((cost - tokens) * 1000 / rate)}
+  else
+    tokens = tokens - cost
+    out = {1, 0}
+  end
+  redis.call('HSET', KEYS[2], 'tokens', tostring(tokens), 'ts', tostring(now))
+  -- an idle bucket is full again after burst/rate seconds: let it expire then
+  redis.call('PEXPIRE', KEYS[2], math.ceil(burst * 1000 / rate) + 1000)
+end
+for i = 1, #record do out[#out + 1] = record[i] end
+return out
+"""
+
+ANONYMOUS = ApiKeyRecord(
+    key_id="0" * 16, name="anonymous", scopes=[ApiScope.admin], rate_per_s=0, burst=1
+)
+
+
+@dataclass
+class _Cached:
+    record: ApiKeyRecord
+    fetched_at: float
+
+
+class ApiKeyAuthenticator:
+    """Checks keys, scopes and rate limits; one instance per app (built in the lifespan)."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self._script = redis.register_script(_CHECK_LUA)
+        self._cache: dict[str, _Cached] = {}
+
+    async def authenticate(self, key: str | None, scope: ApiScope) -> ApiKeyRecord:
+        """The key's record if it may call a route needing ``scope`` now, else an ApiError."""
+        security = self.settings.security
+        if not security.auth_enabled:
+            return ANONYMOUS
+        if not key:
+            AUTH_FAILURES.labels(reason="missing").inc()
+            raise Unauthorized(
+                f"missing API key: send it in the {API_KEY_HEADER} header "
+                "(or as 'Authorization: Bearer <key>')"
+            )
+        key_hash = hash_api_key(self.settings, key)
+        now = time.monotonic()
+        cached = self._cache.get(key_hash)
+        fresh = cached is not None and now - cached.fetched_at < security.key_cache_ttl_s
+        if fresh and cached is not None and not cached.record.allows(scope):
+            self._forbid(cached.record, scope)
+        keys = self.settings.keys
+        args: list[Any] = [scope.value, 1, "", ""]
+        if fresh and cached is not None:
+            args[2:] = [repr(cached.record.rate_per_s), cached.record.burst]
+        try:
+            reply = await self._script(
+                keys=[keys.api_key(key_hash), keys.rate_limit(key_id_of(key_hash))], args=args
+            )
+        except (RedisError, OSError) as exc:
+            return self._on_store_error(key_hash, cached, scope, exc)
+        code, retry_after_ms, *flat = reply
+        record = cached.record if fresh and cached is not None else None
+        if flat:
+            record = self._parse(flat)
+            if security.key_cache_ttl_s > 0:
+                self._cache[key_hash] = _Cached(record, now)
+        if code == 0 or record is None:
+            self._cache.pop(key_hash, None)
+            AUTH_FAILURES.labels(reason="unknown").inc()
+            raise Unauthorized("unknown or revoked API key")
+        if code == 2:
+            self._forbid(record, scope)
+        if code == 3:
+            AUTH_FAILURES.labels(reason="rate_limited").inc()
+            retry_after_s = max(1, math.ceil(int(retry_after_ms) / 1000))
+            raise RateLimited(
+                f"rate limit of {record.rate_per_s:g} requests/s (burst {record.burst}) "
+                f"exceeded for key {record.key_id}; retry after {retry_after_s} s",
+                retry_after_s=retry_after_s,
+            )
+        return record
+
+    @staticmethod
+    def _parse(flat: list[bytes]) -> ApiKeyRecord:
+        fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+        try:
+            return ApiKeyRecord.from_redis(fields)
+        except ValidationError as exc:
+            # A corrupt record must not open the door; the operator sees why.
+            log.error("api_key_record_corrupt error=%s", exc.errors()[:1])
+            raise Unauthorized("unknown or revoked API key") from exc
+
+    @staticmethod
+    def _forbid(record: ApiKeyRecord, scope: ApiScope) -> None:
+        AUTH_FAILURES.labels(reason="forbidden").inc()
+        held = ", ".join(s.value for s in record.scopes)
+        raise Forbidden(f"API key {record.key_id} lacks the scope {scope.value!r} (it has: {held})")
+
+    def _on_store_error(
+        self, key_hash: str, cached: _Cached | None, scope: ApiScope, exc: Exception
+    ) -> ApiKeyRecord:
+        """Redis is down: a key seen recently still works (unmetered); others get 503."""
+        AUTH_STORE_ERRORS.inc()
+        grace = self.settings.security.redis_outage_grace_s
+        if cached is not None and time.monotonic() - cached.fetched_at < grace:
+            if not cached.record.allows(scope):
+                self._forbid(cached.record, scope)
+            log.warning("auth_store_unavailable key_id=%s action=grace error=%s",
+                        cached.record.key_id, exc)
+            return cached.record
+        log.warning("auth_store_unavailable action=reject error=%s", exc)
+        raise ServiceUnavailable("API key store unavailable; retry shortly") from exc
+
+
+API_KEY_HEADER = "X-API-Key"
+# Declared as security schemes so OpenAPI (and /docs) show how to authenticate.
+_api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False)
+_bearer = HTTPBearer(auto_error=False)
+
+
+@cache  # one dependency per scope, so FastAPI runs it once per request however often it is named
+def require_scope(scope: ApiScope | str) -> Any:
+    """A FastAPI dependency (``Depends``) admitting keys that hold ``scope`` (or admin)."""
+    needed = ApiScope(scope)
+
+    async def check(
+        request: Request,
+        header_key: Annotated[str | None, Depends(_api_key_header)],
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> ApiKeyRecord:
+        key = (header_key or (bearer.credentials if bearer else "") or "").strip() or None
+        authenticator: ApiKeyAuthenticator = request.app.state.authenticator
+        record = await authenticator.authenticate(key, needed)
+        request.state.api_key = record
+        return record
+
+    check.__name__ = f"require_{needed.name}"
+    return Depends(check)
+
+
+# Typed aliases for endpoints that want the caller: `def f(caller: RecsReader): ...`
+RecsReader = Annotated[ApiKeyRecord, require_scope(ApiScope.recs_read)]
+EventsWriter = Annotated[ApiKeyRecord, require_scope(ApiScope.events_write)]
+CatalogWriter = Annotated[ApiKeyRecord, require_scope(ApiScope.catalog_write)]
+Admin = Annotated[ApiKeyRecord, require_scope(ApiScope.admin)]

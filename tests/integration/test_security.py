@@ -1,0 +1,147 @@
+"""API keys, scopes and rate limits against the real Redis (and broker behind the routes)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from infra.apikeys import create_key, ensure_dev_key, list_keys, main, revoke_key
+from schemas.security import ApiScope
+from serving.app import create_app
+from serving.config import Settings
+
+pytestmark = pytest.mark.integration
+
+EVENT = {"user_id": "u1", "item_id": "i1", "interaction_type": "click", "timestamp": "2024-05-01T12:00:00Z"}
+
+
+@pytest.fixture
+def client(settings: Settings):
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def test_missing_key_gets_401_naming_the_header(client: TestClient) -> None:
+    response = client.post("/interactions", json=EVENT)
+    assert response.status_code == 401
+    assert response.json()["error"] == "unauthorized"
+    assert "X-API-Key" in response.json()["message"]
+
+
+def test_unknown_key_gets_401(client: TestClient) -> None:
+    response = client.put("/items/m1", json={"title": "Heat"}, headers={"X-API-Key": "rk_not-a-real-key"})
+    assert response.status_code == 401
+    assert "unknown or revoked" in response.json()["message"]
+
+
+def test_bearer_token_is_accepted(client: TestClient, api_key: str) -> None:
+    response = client.post("/interactions", json=EVENT, headers={"Authorization": f"Bearer {api_key}"})
+    assert response.status_code == 202
+
+
+def test_wrong_scope_gets_403_naming_the_scope(client: TestClient, settings: Settings) -> None:
+    key, record = create_key(settings, "reader", [ApiScope.recs_read])
+    response = client.post("/interactions", json=EVENT, headers={"X-API-Key": key})
+    assert response.status_code == 403
+    body = response.json()
+    assert body["error"] == "forbidden" and "'events:write'" in body["message"]
+    assert record.key_id in body["message"]
+    # A key scoped for events cannot write the catalogue either.
+    writer, _ = create_key(settings, "writer", [ApiScope.events_write])
+    assert client.post("/interactions", json=EVENT, headers={"X-API-Key": writer}).status_code == 202
+    assert client.put("/items/m1", json={"title": "Heat"}, headers={"X-API-Key": writer}).status_code == 403
+
+
+def test_rate_limit_answers_429_with_retry_after_then_recovers(client: TestClient, settings: Settings) -> None:
+    key, _ = create_key(settings, "slow", [ApiScope.events_write], rate_per_s=1, burst=2)
+    headers = {"X-API-Key": key}
+    codes = [client.post("/interactions", json=EVENT, headers=headers).status_code for _ in range(2)]
+    assert codes == [202, 202]
+    limited = client.post("/interactions", json=EVENT, headers=headers)
+    assert limited.status_code == 429
+    assert limited.json()["error"] == "rate_limited" and "1 requests/s" in limited.json()["message"]
+    retry_after = int(limited.headers["retry-after"])
+    assert 1 <= retry_after <= 2
+    time.sleep(retry_after)
+    assert client.post("/interactions", json=EVENT, headers=headers).status_code == 202
+
+
+def test_rate_limit_is_per_key(client: TestClient, settings: Settings, api_key: str) -> None:
+    slow, _ = create_key(settings, "slow", [ApiScope.events_write], rate_per_s=0.1, burst=1)
+    assert client.post("/interactions", json=EVENT, headers={"X-API-Key": slow}).status_code == 202
+    assert client.post("/interactions", json=EVENT, headers={"X-API-Key": slow}).status_code == 429
+    assert client.post("/interactions", json=EVENT, headers={"X-API-Key": api_key}).status_code == 202
+
+
+def test_revoked_key_gets_401(settings: Settings) -> None:
+    settings.security.key_cache_ttl_s = 0
+    key, record = create_key(settings, "leaked", [ApiScope.events_write])
+    with TestClient(create_app(settings), headers={"X-API-Key": key}) as client:
+        assert client.post("/interactions", json=EVENT).status_code == 202
+        revoke_key(settings, record.key_id)
+        response = client.post("/interactions", json=EVENT)
+    assert response.status_code == 401
+
+
+def test_revocation_takes_effect_within_the_cache_ttl(settings: Settings) -> None:
+    settings.security.key_cache_ttl_s = 0.5
+    key, record = create_key(settings, "leaked", [ApiScope.events_write])
+    with TestClient(create_app(settings), headers={"X-API-Key": key}) as client:
+        assert client.post("/interactions", json=EVENT).status_code == 202
+        revoke_key(settings, record.key_id)
+        time.sleep(0.6)
+        assert client.post("/interactions", json=EVENT).status_code == 401
+
+
+def test_redis_holds_only_hashes_of_keys(settings: Settings, api_key: str, client: TestClient) -> None:
+    client.post("/interactions", json=EVENT, headers={"X-API-Key": api_key})  # also creates the bucket
+    r = redis.Redis.from_url(settings.redis.url)
+    names = list(r.scan_iter(match=settings.redis.key_prefix + "*"))
+    assert names, "the key record should be stored under the test prefix"
+    for name in names:
+        assert api_key.encode() not in name
+        values = r.hgetall(name) if r.type(name) == b"hash" else {b"": r.dump(name) or b""}
+        assert all(api_key.encode() not in v for v in values.values())
+
+
+def test_open_routes_need_no_key(client: TestClient) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/metrics").status_code == 200
+    assert client.get("/readyz").status_code in (200, 503)
+
+
+def test_auth_can_be_disabled_for_local_experiments(settings: Settings) -> None:
+    settings.security.auth_enabled = False
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/interactions", json=EVENT).status_code == 202
+
+
+def test_dev_key_file_is_private_reused_and_has_every_scope(settings: Settings, tmp_path) -> None:
+    settings.stack.state_dir = tmp_path
+    key = ensure_dev_key(settings)
+    path = tmp_path / "api-key"
+    assert path.read_text().strip() == key
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert ensure_dev_key(settings) == key  # still valid: reused
+    [record] = list_keys(settings)
+    assert set(record.scopes) == set(ApiScope)
+    revoke_key(settings, record.key_id)
+    assert ensure_dev_key(settings) != key  # revoked: replaced
+
+
+def test_cli_creates_lists_and_revokes(settings: Settings, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("RECSYS_REDIS__KEY_PREFIX", settings.redis.key_prefix)
+    assert main(["create", "--name", "web", "--scopes", "recs:read,events:write", "--rate", "5"]) == 0
+    created = capsys.readouterr().out
+    [record] = list_keys(settings)
+    assert record.name == "web" and record.rate_per_s == 5
+    assert record.key_id in created and '"api_key": "rk_' in created
+    assert main(["list"]) == 0 and record.key_id in capsys.readouterr().out
+    assert main(["revoke", record.key_id]) == 0
+    assert list_keys(settings) == []
+    assert main(["revoke", record.key_id]) == 1
+    with pytest.raises(SystemExit):
+        main(["create", "--name", "x", "--scopes", "recs:write"])
