@@ -15,19 +15,25 @@ elsewhere (a second registration of a name raises):
 
 Label values must come from small fixed sets (route templates, stage names,
 surfaces), never from ids: every distinct value is a new time series.
-One uvicorn worker per process: each replica is scraped on its own.
+With several uvicorn workers set PROMETHEUS_MULTIPROC_DIR (an empty folder,
+cleared at start): every worker then writes its samples there and /metrics
+sums them, so one scrape sees the whole replica.
 """
 
 from __future__ import annotations
+
+import os
 
 from fastapi import APIRouter, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
+    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
     start_http_server,
 )
 
@@ -47,7 +53,9 @@ HTTP_REQUESTS = Counter(
     "Requests answered, by route template and status code.",
     ["method", "route", "status"],
 )
-HTTP_IN_FLIGHT = Gauge("recsys_http_requests_in_flight", "Requests being handled now.")
+HTTP_IN_FLIGHT = Gauge(
+    "recsys_http_requests_in_flight", "Requests being handled now.", multiprocess_mode="livesum"
+)
 
 # --- security ---------------------------------------------------------------------
 AUTH_FAILURES = Counter(
@@ -105,16 +113,19 @@ FLOW_LAG_SECONDS = Gauge(
     "recsys_flow_lag_seconds",
     "Now minus the event time of the last record a flow processed (not the broker watermark).",
     ["flow"],
+    multiprocess_mode="mostrecent",
 )
 FLOW_LAG_RECORDS = Gauge(
     "recsys_flow_lag_records",
     "Records produced (counted by the producer side) but not yet processed by a flow.",
     ["flow"],
+    multiprocess_mode="mostrecent",
 )
 FRESHNESS_SECONDS = Gauge(
     "recsys_feature_freshness_seconds",
     "Age of the newest event reflected in a derived state (features, cache, vectors).",
     ["state"],
+    multiprocess_mode="mostrecent",
 )
 FLOW_RECORDS = Counter(
     "recsys_flow_records_total",
@@ -123,15 +134,21 @@ FLOW_RECORDS = Counter(
 )
 
 # --- live quality (from the impression and interaction logs) ------------------------
-QUALITY_CTR = Gauge("recsys_quality_ctr", "Click-through rate over the last window.", ["surface"])
+QUALITY_CTR = Gauge(
+    "recsys_quality_ctr", "Click-through rate over the last window.", ["surface"],
+    multiprocess_mode="mostrecent",
+)
 QUALITY_COVERAGE = Gauge(
-    "recsys_quality_catalog_coverage", "Share of the active catalogue shown over the last window."
+    "recsys_quality_catalog_coverage", "Share of the active catalogue shown over the last window.",
+    multiprocess_mode="mostrecent",
 )
 QUALITY_DIVERSITY = Gauge(
-    "recsys_quality_intra_list_diversity", "Mean intra-list diversity of served lists.", ["surface"]
+    "recsys_quality_intra_list_diversity", "Mean intra-list diversity of served lists.", ["surface"],
+    multiprocess_mode="mostrecent",
 )
 QUALITY_EXPOSURE_GINI = Gauge(
-    "recsys_quality_exposure_gini", "Gini coefficient of item exposure (1 = all on one item)."
+    "recsys_quality_exposure_gini", "Gini coefficient of item exposure (1 = all on one item).",
+    multiprocess_mode="mostrecent",
 )
 
 router = APIRouter(tags=["health"])
@@ -139,8 +156,12 @@ router = APIRouter(tags=["health"])
 
 @router.get("/metrics", include_in_schema=False)
 def metrics() -> Response:
-    """Every metric in the Prometheus text format."""
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    """Every metric in the Prometheus text format (summed over workers in multiprocess mode)."""
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
