@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import orjson
@@ -60,7 +61,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [ErrorDetail(field=_field_path(tuple(e.get("loc", ()))), message=e.get("msg", "invalid")) for e in exc.errors()]
+        details = [ErrorDetail(field=_printable(_field_path(tuple(e.get("loc", ())))), message=_printable(e.get("msg", "invalid"))) for e in exc.errors()]
         message = "; ".join(f"{d.field}: {d.message}" for d in details[:5])
         if request.url.path.startswith("/interactions"):
             _dead_letter_rejected(request, message, exc.body)
@@ -68,8 +69,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(error, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        error = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(exc.status_code, "http_error")
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            # FastAPI's words for a body that is not decodable (bad UTF-8, broken form data).
+            message = "the request body could not be parsed: send UTF-8 encoded JSON"
+        return JSONResponse(error_body(error, message), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -93,8 +98,23 @@ def _dead_letter_rejected(request: Request, reason: str, body: object) -> None:
         # Unparseable JSON is rejected before authentication runs: an anonymous
         # caller must not be able to write to the dead-letter topic.
         return
-    if not isinstance(body, bytes | str):
-        body = orjson.dumps(body, default=str)
-    record = DeadLetterRecord.wrap(source="api", reason=reason, payload=body, topic=settings.topic(Topics.INTERACTIONS))
-    publisher.publish_nowait(settings.topic(Topics.DEAD_LETTER), "api", record.to_json())
+    try:
+        if not isinstance(body, bytes | str):
+            try:
+                body = orjson.dumps(body, default=str)
+            except TypeError:  # integers over 64 bits, lone surrogates: the slower encoder copes
+                body = json.dumps(body, default=str, ensure_ascii=True)
+        record = DeadLetterRecord.wrap(source="api", reason=_printable(reason), payload=_printable(body),
+                                       topic=settings.topic(Topics.INTERACTIONS))
+        publisher.publish_nowait(settings.topic(Topics.DEAD_LETTER), "api", record.to_json())
+    except Exception:  # a failure to keep the letter must not turn the client's 422 into a 500
+        log.exception("dead_letter_failed")
+        return
     DEAD_LETTERS.labels(source="api").inc()
+
+
+def _printable(text: str | bytes) -> str:
+    """Text that encodes as UTF-8: lone surrogates (valid in JSON escapes, not in UTF-8) become '?'."""
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "replace")
+    return text.encode("utf-8", "replace").decode("utf-8")

@@ -35,6 +35,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from schemas.api import ErrorResponse
 from schemas.security import ApiKeyRecord, ApiScope
 from serving.config import Settings
 from serving.errors import ApiError, ServiceUnavailable
@@ -250,6 +251,26 @@ def require_scope(scope: ApiScope | str) -> Any:
 
     check.__name__ = f"require_{needed.name}"
     return Depends(check)
+
+
+# Documented on every protected route (400 too: each takes a body or shares its router),
+# so OpenAPI (and clients generated from it) know them.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body could not be decoded (not UTF-8 JSON)"},
+    401: {"model": ErrorResponse, "description": "Missing, unknown or revoked API key"},
+    403: {"model": ErrorResponse, "description": "The API key lacks the scope this route needs"},
+    429: {
+        "model": ErrorResponse,
+        "description": "The key's rate limit is exhausted",
+        "headers": {"Retry-After": {"description": "Seconds until a request is allowed",
+                                    "schema": {"type": "integer"}}},
+    },
+}
+
+
+def protected(scope: ApiScope | str) -> dict[str, Any]:
+    """``include_router`` arguments for a router whose every route needs ``scope``."""
+    return {"dependencies": [require_scope(scope)], "responses": AUTH_RESPONSES}
 
 
 # Typed aliases for endpoints that want the caller: `def f(caller: RecsReader): ...`
