@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas import api, catalog, events, security
+from schemas import api, catalog, events, models, security
 
 OUT_DIR = Path(__file__).parent / "jsonschema"
 
@@ -34,6 +34,8 @@ EXPORTED: tuple[type[BaseModel], ...] = (
     api.CachedRecommendationsResponse,
     api.ModelRefreshResponse,
     api.ErrorResponse,
+    models.ModelVersion,
+    models.ModelsResponse,
     security.ApiKeyRecord,
 )
 

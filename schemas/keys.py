@@ -37,7 +37,12 @@ class RedisKeys:
         return f"{self.prefix}exposure:{day}:{user_id}"
 
     def model_registry(self) -> str:
+        """Hash: ``live`` -> version, ``version:<v>`` -> ModelVersion JSON (model/registry.py)."""
         return f"{self.prefix}models"
+
+    def model_training_lock(self) -> str:
+        """Held by the trainer while it trains, so two refreshes never train at once."""
+        return f"{self.prefix}models:training"
 
     def demo_loaded(self) -> str:
         """Marker set by the demo loader (value: the broker run it loaded into)."""

@@ -97,6 +97,81 @@ class StackSettings(BaseModel):
     start_timeout_s: float = 90.0
 
 
+class ModelSettings(BaseModel):
+    """The two-tower model, its training and its registry (model/)."""
+
+    # Where training reads the log: "topic" replays the interactions topic from
+    # the beginning; "archive" reads the Parquet archive of flows/archive.py.
+    training_source: Literal["topic", "archive"] = "topic"
+    # Parquet archive root (flows/archive.py); relative paths are under the state dir.
+    archive_dir: Path = Path("archive/interactions")
+    # Embedding size of both towers: 64 keeps CPU encoding and HNSW memory small.
+    dim: int = 64
+    # Hash buckets for content tokens (category, tags, language, year, title words).
+    content_buckets: int = 1 << 14
+    # The user tower looks at this many most recent interactions.
+    history_len: int = 50
+    epochs: int = 6
+    batch_size: int = 1024
+    learning_rate: float = 0.005
+    # Softmax temperature of the in-batch loss (dot products of unit vectors).
+    temperature: float = 0.07
+    # The item-id embedding is dropped this often in training so content alone
+    # must give a useful vector (that is what a brand-new item gets).
+    id_dropout: float = 0.3
+    seed: int = 7
+    # Offline metrics: the last fraction of the log (by time) is held out.
+    eval_holdout: float = 0.2
+    # After evaluating, train again on the whole log for the version that ships.
+    retrain_on_full_log: bool = True
+    # Empty polls in a row that end a replay of a topic (tansu's high watermark is wrong).
+    replay_idle_polls: int = 4
+    replay_poll_timeout_s: float = 0.5
+    # Versions kept on disk and in Milvus after a swap (the live one included).
+    keep_versions: int = 2
+    # How often API/flows check the registry for a new live version.
+    reload_interval_s: float = 5.0
+
+
+class RetrievalSettings(BaseModel):
+    """Candidate generation (serving/candidates/) and the item vectors in Milvus (infra/milvus.py)."""
+
+    # One collection per model version: "<collection_prefix>_<version>"; serving reads the alias.
+    collection_prefix: str = "items"
+    serving_alias: str = "items_serving"
+    # HNSW: M=16/efConstruction=200 measured >= 0.95 recall@100 (bench/retrieval.py).
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    # Search-time ef is max(ef_search, k): k=500 needs ef >= 500 (DESIGN.md).
+    ef_search: int = 128
+    # Merged, de-duplicated candidates per request.
+    max_candidates: int = 1000
+    # Per-source quotas; a source with quota 0 is off. The order is the merge order.
+    quotas: dict[str, int] = Field(
+        default_factory=lambda: {
+            "ann": 400,  # user tower -> ANN
+            "item2item": 100,  # ANN around the current / last item
+            "covisit": 150,  # co-visitation ZSETs (features flow)
+            "content": 150,  # filtered ANN within the user's top categories
+            "trending_region": 100,  # trending in the user's region
+            "trending": 150,  # global trending
+            "fresh": 100,  # recent and cold-start items (exploration)
+        }
+    )
+    # Each source gets this long; a late or failing source is skipped, the rest answer.
+    source_timeout_s: float = 0.08
+    # The whole candidate stage never takes longer than this.
+    total_timeout_s: float = 0.15
+    # Items published within this many days (or unseen by the model) form the fresh pool.
+    fresh_days: float = 365.0
+    # How many recent items seed item-to-item and co-visitation for a user without a current item.
+    seed_items: int = 3
+    # Categories (by affinity) the content source searches in.
+    content_categories: int = 3
+    # Filter ANN by the user's region (items with no regions are shown everywhere).
+    filter_by_region: bool = True
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RECSYS_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -110,6 +185,8 @@ class Settings(BaseSettings):
     stack: StackSettings = Field(default_factory=StackSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
 
     @model_validator(mode="after")
     def _check_production(self) -> Settings:

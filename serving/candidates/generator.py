@@ -1,0 +1,235 @@
+"""Candidate generation: a UserContext in, up to ~1,000 merged candidates out.
+
+Plain code shared by the API (``await generate(ctx)``, per request, under a
+~150 ms budget) and the precompute flow (``generate_sync(ctx)``). Sources,
+in merge order, each with its quota from ``settings.retrieval.quotas``:
+
+- ``ann``: the user tower's vector (recent history + profile, at request time) -> ANN;
+- ``item2item``: ANN around the current item (or the last few the user touched);
+- ``covisit``: co-visitation neighbours of those items (Redis ZSETs);
+- ``content``: ANN within the user's top categories (category affinity);
+- ``trending_region`` / ``trending``: popularity in the user's region and globally;
+- ``fresh``: recently published or cold-start items near the user's vector (exploration).
+
+A user with no history still gets the profile-only vector (region, language,
+age, device), trending, regional trending and fresh items. Every source
+degrades on its own: an error or a timeout (Milvus down, Redis slow) is
+logged and that source is skipped; the others still answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from infra.milvus import SearchFilter
+from model.two_tower import NEGATIVE_TYPES, TwoTowerModel
+from serving.candidates.backends import ItemIndex, Signals
+from serving.config import RetrievalSettings
+from serving.pipeline.types import Candidate, UserContext
+
+log = logging.getLogger(__name__)
+
+SourceResult = list[tuple[str, float]]
+# Rank fusion constant: a candidate's merged score is sum(1 / (RRF_K + rank)) over its sources.
+RRF_K = 60
+
+
+@dataclass
+class Request:
+    """Per-request state the sources share (the user vector is computed once)."""
+
+    ctx: UserContext
+    user_vector: np.ndarray | None
+    seeds: list[str]
+    exclude: frozenset[str]
+    region: str | None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class CandidateGenerator:
+    """Runs the configured sources and merges them; one instance per process, thread-safe."""
+
+    def __init__(self, config: RetrievalSettings, model: Callable[[], TwoTowerModel | None], index: ItemIndex,
+                 signals: Signals, executor: ThreadPoolExecutor | None = None) -> None:
+        self.config = config
+        self.model = model
+        self.index = index
+        self.signals = signals
+        self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="candidates")
+        self.sources: dict[str, Callable[[Request, int], SourceResult]] = {
+            "ann": self.ann,
+            "item2item": self.item2item,
+            "covisit": self.covisit,
+            "content": self.content,
+            "trending_region": self.trending_region,
+            "trending": self.trending,
+            "fresh": self.fresh,
+        }
+
+    # -- request preparation ----------------------------------------------------
+    def prepare(self, ctx: UserContext) -> Request:
+        positives = [i for i, kind, _ in ctx.recent if kind not in NEGATIVE_TYPES]
+        seeds = [ctx.current_item_id] if ctx.current_item_id else positives[: self.config.seed_items]
+        exclude = frozenset(ctx.consumed) | frozenset(ctx.skipped) | frozenset(filter(None, [ctx.current_item_id]))
+        model = self.model()
+        vector = model.encode_user(ctx) if model is not None else None
+        region = ctx.region if self.config.filter_by_region else None
+        return Request(ctx=ctx, user_vector=vector, seeds=seeds, exclude=exclude, region=region)
+
+    def _overfetch(self, request: Request, k: int) -> int:
+        # Already-consumed items are filtered after the search; fetch enough to still fill k.
+        return k + min(len(request.exclude), 2 * k)
+
+    def _search(self, request: Request, vector: np.ndarray, k: int, flt: SearchFilter) -> SourceResult:
+        hits = self.index.search(vector, self._overfetch(request, k), flt)
+        return [(i, s) for i, s in hits if i not in request.exclude][:k]
+
+    # -- sources ------------------------------------------------------------------
+    def ann(self, request: Request, k: int) -> SourceResult:
+        if request.user_vector is None:
+            return []
+        return self._search(request, request.user_vector, k, SearchFilter(region=request.region))
+
+    def item2item(self, request: Request, k: int) -> SourceResult:
+        vectors = self.index.vectors(request.seeds)
+        if not vectors:
+            return []
+        per_seed = max(1, k // len(vectors))
+        merged: dict[str, float] = {}
+        for vector in vectors.values():
+            for item_id, score in self._search(request, vector, per_seed, SearchFilter(region=request.region)):
+                merged[item_id] = max(score, merged.get(item_id, float("-inf")))
+        return sorted(merged.items(), key=lambda kv: -kv[1])[:k]
+
+    def covisit(self, request: Request, k: int) -> SourceResult:
+        if not request.seeds:
+            return []
+        merged: dict[str, float] = {}
+        # The current/most recent item counts most: weight 1, 1/2, 1/3 ...
+        for rank, rows in enumerate(self.signals.neighbours(request.seeds, k + len(request.exclude))):
+            for item_id, weight in rows:
+                if item_id not in request.exclude:
+                    merged[item_id] = merged.get(item_id, 0.0) + weight / (rank + 1)
+        return sorted(merged.items(), key=lambda kv: -kv[1])[:k]
+
+    def content(self, request: Request, k: int) -> SourceResult:
+        ctx = request.ctx
+        affinity = dict(sorted(ctx.category_affinity.items(), key=lambda kv: -kv[1])[: self.config.content_categories])
+        if not affinity:
+            affinity = {c: 1.0 for c in ctx.preferred_categories[: self.config.content_categories]}
+        if not affinity or request.user_vector is None:
+            return []
+        total = sum(max(a, 0.0) for a in affinity.values()) or 1.0
+        out: SourceResult = []
+        for category, weight in affinity.items():
+            share = max(1, round(k * max(weight, 0.0) / total))
+            hits = self._search(request, request.user_vector, share, SearchFilter(category=category, region=request.region))
+            out += [(i, s * weight / total) for i, s in hits]
+        return sorted(out, key=lambda kv: -kv[1])[:k]
+
+    def trending_region(self, request: Request, k: int) -> SourceResult:
+        if not request.ctx.region:
+            return []
+        return self._filter(request, self.signals.trending(request.ctx.region, k + len(request.exclude)), k)
+
+    def trending(self, request: Request, k: int) -> SourceResult:
+        return self._filter(request, self.signals.trending(None, k + len(request.exclude)), k)
+
+    def fresh(self, request: Request, k: int) -> SourceResult:
+        vector = request.user_vector
+        if vector is None:
+            return []
+        since = int(request.ctx.now.timestamp() - self.config.fresh_days * 86400)
+        return self._search(request, vector, k, SearchFilter(region=request.region, fresh_since=since))
+
+    @staticmethod
+    def _filter(request: Request, rows: SourceResult, k: int) -> SourceResult:
+        return [(i, s) for i, s in rows if i not in request.exclude][:k]
+
+    # -- running and merging --------------------------------------------------------
+    def _quotas(self, quotas: dict[str, int] | None) -> dict[str, int]:
+        chosen = quotas if quotas is not None else self.config.quotas
+        return {name: k for name, k in chosen.items() if k > 0 and name in self.sources}
+
+    def _run_one(self, name: str, request: Request, k: int) -> SourceResult:
+        started = time.perf_counter()
+        try:
+            return self.sources[name](request, k)
+        finally:
+            request.timings_ms[name] = (time.perf_counter() - started) * 1000
+
+    def generate_sync(self, ctx: UserContext, quotas: dict[str, int] | None = None,
+                      max_candidates: int | None = None) -> list[Candidate]:
+        """All sources one after another, no timeouts (precompute flow, offline evaluation)."""
+        request = self.prepare(ctx)
+        results: dict[str, SourceResult] = {}
+        for name, k in self._quotas(quotas).items():
+            try:
+                results[name] = self._run_one(name, request, k)
+            except Exception as exc:  # noqa: BLE001 (a failing source is skipped, never fatal)
+                request.failed[name] = repr(exc)
+                log.warning("candidate_source_failed source=%s user_id=%s error=%r", name, ctx.user_id, exc)
+        return merge(results, max_candidates or self.config.max_candidates)
+
+    async def generate(self, ctx: UserContext, quotas: dict[str, int] | None = None,
+                       max_candidates: int | None = None) -> list[Candidate]:
+        """All sources concurrently in threads, each under its timeout, the whole under the total budget."""
+        loop = asyncio.get_running_loop()
+        request = await loop.run_in_executor(self.executor, self.prepare, ctx)
+        wanted = self._quotas(quotas)
+        futures = {
+            name: asyncio.wait_for(loop.run_in_executor(self.executor, self._run_one, name, request, k),
+                                   timeout=self.config.source_timeout_s)
+            for name, k in wanted.items()
+        }
+        tasks = {name: asyncio.ensure_future(f) for name, f in futures.items()}
+        done, pending = await asyncio.wait(tasks.values(), timeout=self.config.total_timeout_s)
+        for task in pending:
+            task.cancel()
+        results: dict[str, SourceResult] = {}
+        for name, task in tasks.items():
+            if task in pending:
+                request.failed[name] = "total budget exceeded"
+            elif task.exception() is not None:
+                exc = task.exception()
+                request.failed[name] = "timeout" if isinstance(exc, TimeoutError) else repr(exc)
+            else:
+                results[name] = task.result()
+        for name, why in request.failed.items():
+            log.warning("candidate_source_skipped source=%s user_id=%s reason=%s", name, ctx.user_id, why)
+        return merge(results, max_candidates or self.config.max_candidates)
+
+
+def merge(results: dict[str, SourceResult], max_candidates: int) -> list[Candidate]:
+    """Round-robin by rank across sources (so a cap keeps every source's best), de-duplicated.
+
+    Each candidate keeps every source that found it with that source's score;
+    its score is reciprocal-rank fusion over them, and the list is sorted by it.
+    """
+    merged: dict[str, Candidate] = {}
+    lists: Sequence[tuple[str, SourceResult]] = list(results.items())
+    depth = max((len(rows) for _, rows in lists), default=0)
+    for rank in range(depth):
+        for name, rows in lists:
+            if rank >= len(rows):
+                continue
+            item_id, score = rows[rank]
+            candidate = merged.get(item_id)
+            if candidate is None:
+                if len(merged) >= max_candidates:
+                    continue
+                candidate = merged[item_id] = Candidate(item_id=item_id)
+            candidate.add_source(name, score)
+            candidate.score += 1.0 / (RRF_K + rank)
+    out = sorted(merged.values(), key=lambda c: -c.score)
+    for candidate in out:
+        candidate.reasons = sorted(candidate.sources)
+    return out

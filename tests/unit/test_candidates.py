@@ -1,0 +1,139 @@
+"""Candidate generation: merging, quotas, cold users and sources that fail or hang."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+
+from infra.milvus import SearchFilter
+from schemas.catalog import ItemRecord
+from serving.candidates import CandidateGenerator, MemoryItemIndex, MemorySignals, merge
+from serving.config import RetrievalSettings
+from serving.pipeline.types import UserContext
+
+
+class FixedModel:
+    """Stands in for the two-tower: every user points along the first axis."""
+
+    dim = 4
+
+    def encode_user(self, ctx: UserContext) -> np.ndarray:
+        return np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
+
+
+def catalog() -> tuple[list[ItemRecord], np.ndarray]:
+    items = [
+        ItemRecord(item_id="a", category="Drama", regions=None, published_at=datetime(2020, 1, 1, tzinfo=UTC)),
+        ItemRecord(item_id="b", category="Drama", regions=["fr"], published_at=datetime(2024, 6, 1, tzinfo=UTC)),
+        ItemRecord(item_id="c", category="Comedy", regions=["us"], published_at=datetime(2019, 1, 1, tzinfo=UTC)),
+        ItemRecord(item_id="d", category="Comedy", published_at=datetime(2010, 1, 1, tzinfo=UTC)),
+        ItemRecord(item_id="gone", category="Comedy", status="deleted"),
+    ]
+    vectors = np.array([[0.9, 0.1, 0, 0], [0.8, 0.2, 0, 0], [0.5, 0.5, 0, 0], [0.1, 0.9, 0, 0], [1, 0, 0, 0]],
+                       dtype=np.float32)
+    return items, vectors
+
+
+def generator(config: RetrievalSettings | None = None, index=None, signals=None) -> CandidateGenerator:
+    items, vectors = catalog()
+    index = index or MemoryItemIndex(items, vectors, cold=[False, False, False, True, False])
+    signals = signals or MemorySignals(
+        neighbours={"a": [("c", 5.0), ("d", 1.0)]},
+        trending={None: [("d", 9.0), ("a", 3.0)], "fr": [("b", 4.0)]},
+    )
+    return CandidateGenerator(config or RetrievalSettings(), FixedModel, index, signals)
+
+
+def test_merge_deduplicates_and_keeps_every_source() -> None:
+    merged = merge({"ann": [("x", 0.9), ("y", 0.8)], "trending": [("y", 10.0), ("z", 5.0)]}, max_candidates=10)
+    by_id = {c.item_id: c for c in merged}
+    assert set(by_id) == {"x", "y", "z"}
+    assert by_id["y"].sources == {"ann": 0.8, "trending": 10.0}
+    assert merged[0].item_id == "y"  # found by two sources ranks first
+    assert by_id["y"].reasons == ["ann", "trending"]
+
+
+def test_merge_cap_keeps_the_top_of_every_source() -> None:
+    merged = merge({"ann": [(f"a{i}", 1.0) for i in range(10)], "fresh": [(f"f{i}", 1.0) for i in range(10)]}, 4)
+    assert {c.item_id for c in merged} == {"a0", "a1", "f0", "f1"}
+
+
+def test_memory_index_filters_like_milvus() -> None:
+    items, vectors = catalog()
+    index = MemoryItemIndex(items, vectors, cold=[False, False, False, True, False])
+    query = np.array([1, 0, 0, 0], dtype=np.float32)
+    assert [i for i, _ in index.search(query, 10)] == ["a", "b", "c", "d"]  # deleted item never indexed
+    assert [i for i, _ in index.search(query, 10, SearchFilter(category="Comedy"))] == ["c", "d"]
+    assert [i for i, _ in index.search(query, 10, SearchFilter(region="us"))] == ["a", "c", "d"]
+    fresh = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
+    assert [i for i, _ in index.search(query, 10, SearchFilter(fresh_since=fresh))] == ["b", "d"]  # d is cold
+    assert SearchFilter(category='x"y', region="fr", fresh_since=5).expression() == (
+        'category == "x\\"y" and (array_length(regions) == 0 or array_contains(regions, "fr")) '
+        "and (published_at >= 5 or cold == true)"
+    )
+
+
+def test_user_with_history_gets_every_source_without_consumed_items() -> None:
+    ctx = UserContext(user_id="u", region="fr", recent=[("a", "click", 0.0)], consumed={"a"},
+                      category_affinity={"Comedy": 2.0}, now=datetime(2024, 7, 1, tzinfo=UTC))
+    candidates = generator().generate_sync(ctx)
+    by_id = {c.item_id: c for c in candidates}
+    assert "a" not in by_id and "gone" not in by_id
+    assert "covisit" in by_id["c"].sources and "trending" in by_id["d"].sources
+    assert by_id["b"].sources.keys() >= {"ann", "trending_region", "fresh"}
+    assert "item2item" in by_id["b"].sources
+    assert "content" in by_id["d"].sources  # Comedy, shown everywhere
+    assert set(by_id["c"].sources) == {"covisit"}  # vector sources respect c's region (us only)
+
+
+def test_cold_user_gets_popularity_region_and_profile_vector() -> None:
+    ctx = UserContext(user_id="new", region="fr", now=datetime(2024, 7, 1, tzinfo=UTC))
+    candidates = generator().generate_sync(ctx)
+    sources = set().union(*(c.sources for c in candidates))
+    assert sources >= {"ann", "trending", "trending_region", "fresh"}
+    assert "covisit" not in sources and "item2item" not in sources
+    # region filter: "c" is shown only in the us
+    assert "c" not in {c.item_id for c in candidates if set(c.sources) <= {"ann", "fresh", "content"}}
+
+
+def test_quotas_come_from_configuration() -> None:
+    config = RetrievalSettings(quotas={"trending": 1, "ann": 0})
+    candidates = generator(config).generate_sync(UserContext(user_id="u"))
+    assert [(c.item_id, list(c.sources)) for c in candidates] == [("d", ["trending"])]
+
+
+class BrokenIndex:
+    name = "broken"
+
+    def search(self, *args, **kwargs):
+        raise ConnectionError("milvus is down")
+
+    def vectors(self, *args, **kwargs):
+        raise ConnectionError("milvus is down")
+
+
+class SlowSignals(MemorySignals):
+    def trending(self, region, k):
+        time.sleep(0.5)
+        return [("late", 1.0)]
+
+
+def test_vector_store_down_other_sources_still_answer() -> None:
+    signals = MemorySignals(neighbours={"a": [("c", 1.0)]}, trending={None: [("d", 1.0)]})
+    ctx = UserContext(user_id="u", recent=[("a", "click", 0.0)], consumed={"a"})
+    candidates = asyncio.run(generator(index=BrokenIndex(), signals=signals).generate(ctx))
+    assert {c.item_id: set(c.sources) for c in candidates} == {"c": {"covisit"}, "d": {"trending"}}
+
+
+def test_a_hanging_source_is_cut_at_its_timeout() -> None:
+    config = RetrievalSettings(source_timeout_s=0.05, total_timeout_s=0.15)
+    ctx = UserContext(user_id="u", recent=[("a", "click", 0.0)], consumed={"a"})
+    gen = generator(config, signals=SlowSignals(neighbours={"a": [("c", 1.0)]}))
+    started = time.perf_counter()
+    candidates = asyncio.run(gen.generate(ctx))
+    assert time.perf_counter() - started < 0.3
+    ids = {c.item_id for c in candidates}
+    assert "late" not in ids and "c" in ids and "b" in ids
