@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas import api, catalog, events, models, security
+from schemas import api, catalog, events, features, models, security
 
 OUT_DIR = Path(__file__).parent / "jsonschema"
 
@@ -37,6 +37,9 @@ EXPORTED: tuple[type[BaseModel], ...] = (
     models.ModelVersion,
     models.ModelsResponse,
     security.ApiKeyRecord,
+    features.UserFeatures,
+    features.ItemFeatures,
+    features.OnlineFeaturesResponse,
 )
 
 

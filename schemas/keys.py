@@ -27,6 +27,22 @@ class RedisKeys:
     def item_meta(self, item_id: str) -> str:
         return f"{self.prefix}item:meta:{item_id}"
 
+    def user_profile(self, user_id: str) -> str:
+        """The user's latest catalog profile (JSON UserProfile), written by flows/features."""
+        return f"{self.prefix}user:profile:{user_id}"
+
+    def user_features(self, user_id: str) -> str:
+        """The user's streaming features (JSON UserFeatures), written by flows/features."""
+        return f"{self.prefix}user:features:{user_id}"
+
+    def item_features(self, item_id: str) -> str:
+        """The item's metadata + statistics (JSON ItemFeatures), written by flows/features."""
+        return f"{self.prefix}item:features:{item_id}"
+
+    def flow_stats(self, flow: str) -> str:
+        """Counters a flow publishes (hash: name -> value), e.g. dead letters."""
+        return f"{self.prefix}flow:stats:{flow}"
+
     def api_key(self, key_hash: str) -> str:
         return f"{self.prefix}apikey:{key_hash}"
 

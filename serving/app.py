@@ -20,7 +20,7 @@ from serving.config import Settings, load_settings
 from serving.errors import error_body, install_error_handlers
 from serving.logging import RequestContext, configure_logging
 from serving.publisher import EventPublisher
-from serving.routes import catalog, health, interactions
+from serving.routes import catalog, features, health, interactions
 from serving.security import ApiKeyAuthenticator, protected
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(interactions.router, **protected(ApiScope.events_write))
     app.include_router(catalog.router, **protected(ApiScope.catalog_write))
+    app.include_router(features.router, **protected(ApiScope.admin))
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
     # Outermost: request ids, latency and status metrics also cover the 413s above.
     app.add_middleware(RequestContext, max_request_id_length=settings.observability.max_request_id_length)

@@ -172,6 +172,56 @@ class RetrievalSettings(BaseModel):
     filter_by_region: bool = True
 
 
+class FeatureSettings(BaseModel):
+    """Streaming features, co-visitation, trending and the archive (flows/, feature_repo/)."""
+
+    # Feast project name; empty derives it from the Redis key prefix, so every
+    # deployment (and every test) sharing one Redis gets its own feature rows.
+    feast_project: str = ""
+    # Feast's local registry file (one per project; `feast apply` writes it).
+    registry_dir: Path = Path(".recsys/feast")
+    # Per-key micro-batch: a user or item writes at most once per interval, so a
+    # hot key costs one Redis write per interval, not one per event. Bounds freshness.
+    flush_interval_s: float = 0.2
+    # Events older than the entity's newest event by more than this still count in
+    # totals and decayed scores, but not in windowed counts, trending or co-visitation.
+    lateness_s: float = 3600.0
+    # How many recent interactions, consumed and skipped items each user keeps.
+    recent_size: int = 50
+    consumed_size: int = 500
+    skipped_size: int = 200
+    # Event ids remembered per user to drop at-least-once duplicates.
+    dedup_ids: int = 1000
+    # Half-lives of the category affinities (short-term session taste, long-term taste).
+    affinity_half_life_h: float = 72.0
+    long_term_half_life_h: float = 24.0 * 90
+    # A gap longer than this starts a new session (session counters reset).
+    session_gap_s: float = 1800.0
+    # Beta(alpha, beta) prior of the CTR: ~5% CTR until an item has real impressions.
+    ctr_prior_alpha: float = 1.0
+    ctr_prior_beta: float = 19.0
+    # Trending: time decay half-life and how many items each trending list keeps.
+    trending_half_life_h: float = 24.0
+    trending_keep: int = 500
+    # Co-visitation: items consumed by one user within this window are neighbours;
+    # each new item is paired with at most this many previous ones.
+    covisit_window_s: float = 86400.0
+    covisit_max_recent: int = 10
+    covisit_top_k: int = 100
+    # Candidates kept in flow state per item (> top_k so ranks can change).
+    covisit_keep: int = 300
+    # Archive: local folder or s3:// URL (pyarrow filesystem), file size and age bounds.
+    archive_url: str = ".recsys/archive"
+    archive_max_rows: int = 50_000
+    archive_flush_s: float = 10.0
+    # Messages a Kafka source partition reads per poll.
+    kafka_batch_size: int = 1000
+    # Recovery partitions created on first start (>= the number of processes).
+    recovery_partitions: int = 4
+    # In-process cache of item features in the API reader (slow-changing metadata).
+    reader_cache_ttl_s: float = 1.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RECSYS_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -187,6 +237,7 @@ class Settings(BaseSettings):
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
 
     @model_validator(mode="after")
     def _check_production(self) -> Settings:

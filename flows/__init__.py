@@ -1,0 +1,1 @@
+"""Bytewax dataflows: one module per flow, each exposing ``build_flow(settings, io=None)``."""

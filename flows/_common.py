@@ -1,0 +1,181 @@
+"""Reusable pieces of the dataflows: Kafka source, record parsing, dead letters, Redis sinks.
+
+In: Kafka messages (or ``Message`` tuples from a test source).
+Out: parsed records, or ``DeadLetterRecord`` messages for the dead-letter topic
+with a per-flow count kept in Redis (``RedisKeys.flow_stats``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import bytewax.operators as op
+import orjson
+import redis
+from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource
+from bytewax.dataflow import Stream
+from bytewax.inputs import Source
+from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import DynamicSink, Sink, StatelessSinkPartition
+from confluent_kafka import OFFSET_BEGINNING
+from pydantic import BaseModel, ValidationError
+
+from schemas.events import DeadLetterRecord
+from schemas.topics import Topics
+from serving.config import Settings
+
+
+class Message(NamedTuple):
+    """A record from the log, whatever the source (Kafka or a test)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int = 0
+    offset: int = 0
+
+
+@dataclass
+class FlowIO:
+    """Sources and sinks of a flow; tests swap them for TestingSource / TestingSink."""
+
+    source: Source[Any]
+    dead_letters: Sink[Any]
+    outputs: dict[str, Sink[Any]] = field(default_factory=dict)
+
+
+def kafka_source(settings: Settings, topics: Iterable[str], tail: bool = True) -> KafkaSource:
+    """Every partition of ``topics``; offsets live in the bytewax recovery store."""
+    return KafkaSource(
+        brokers=[settings.kafka.bootstrap_servers],
+        topics=list(topics),
+        tail=tail,
+        starting_offset=OFFSET_BEGINNING,
+        batch_size=settings.features.kafka_batch_size,
+        # A broken partition must not stop the flow silently: raise (restart resumes).
+        raise_on_errors=True,
+    )
+
+
+def dead_letter_sink(settings: Settings) -> KafkaSink:
+    return KafkaSink(brokers=[settings.kafka.bootstrap_servers], topic=settings.topic(Topics.DEAD_LETTER))
+
+
+def to_message(raw: Any) -> Message:
+    """KafkaSourceMessage (or a Message already) -> Message."""
+    if isinstance(raw, Message):
+        return raw
+    return Message(raw.topic, raw.key, raw.value, raw.partition or 0, raw.offset or 0)
+
+
+def parse_with(models: dict[str, type[BaseModel]], source: str) -> Callable[[Message], tuple[str, Any]]:
+    """topic -> model; returns ("ok", (topic, record)) or ("dead", DeadLetterRecord)."""
+
+    def parse(message: Message) -> tuple[str, Any]:
+        model = models.get(message.topic)
+        where = {"topic": message.topic, "partition": message.partition, "offset": message.offset,
+                 "key": message.key.decode("utf-8", "replace") if message.key else None}
+        if model is None:
+            return "dead", DeadLetterRecord.wrap(source=source, reason=f"unexpected topic {message.topic}",
+                                                 payload=message.value, **where)
+        if not message.value:
+            return "dead", DeadLetterRecord.wrap(source=source, reason="empty payload", payload=b"", **where)
+        try:
+            return "ok", (message.topic, model.model_validate_json(message.value))
+        except ValidationError as exc:
+            reason = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}"
+                               for e in exc.errors()[:5])
+            return "dead", DeadLetterRecord.wrap(source=source, reason=f"invalid {model.__name__}: {reason}",
+                                                 payload=message.value, **where)
+
+    return parse
+
+
+class _CountLogic(StatefulBatchLogic[Any, Any, int]):
+    """Counts dead letters in recoverable state, so a replay does not count twice."""
+
+    def __init__(self, count: int | None) -> None:
+        self.count = count or 0
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
+        self.count += len(values)
+        return [(v, self.count) for v in values], self.RETAIN
+
+    def snapshot(self) -> int:
+        return self.count
+
+
+def route_dead_letters(settings: Settings, flow_name: str, dead: Stream[DeadLetterRecord], sink: Sink[Any]) -> None:
+    """Dead letters -> the dead-letter topic, and their count -> Redis flow stats."""
+    keyed = op.key_on("key_dead_letters", dead, lambda _: "dead_letters")
+    counted = op.stateful_batch("count_dead_letters", keyed, _CountLogic)  # ("dead_letters", (record, n))
+    records = op.map("encode_dead_letter", counted,
+                     lambda kv: KafkaSinkMessage(flow_name.encode(), kv[1][0].to_json()))
+    op.output("dead_letter_out", records, sink)
+    counts = op.map("dead_letter_count", counted, lambda kv: ("stat", "dead_letters", kv[1][1]))
+    op.output("dead_letter_count_out", counts, RedisStatsSink(settings, flow_name))
+
+
+class _StatsPartition(StatelessSinkPartition[Any]):
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.client = client
+        self.key = key
+
+    def write_batch(self, items: list[Any]) -> None:
+        latest = {name: value for _, name, value in items}
+        self.client.hset(self.key, mapping=latest)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RedisStatsSink(DynamicSink[Any]):
+    """("stat", name, value) -> HSET flow_stats(flow) name value (overwrite: idempotent)."""
+
+    def __init__(self, settings: Settings, flow_name: str) -> None:
+        self.settings = settings
+        self.flow_name = flow_name
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _StatsPartition:
+        return _StatsPartition(redis_client(self.settings), self.settings.keys.flow_stats(self.flow_name))
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis.url, socket_timeout=5.0, socket_connect_timeout=5.0)
+
+
+def flush_deadline(settings: Settings) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=settings.features.flush_interval_s)
+
+
+def dumps(doc: dict[str, Any]) -> bytes:
+    return orjson.dumps(doc)
+
+
+def ensure_recovery_dir(partitions: int) -> None:
+    """Create the recovery partitions named by ``-r`` / BYTEWAX_RECOVERY_DIRECTORY on first start.
+
+    bytewax.run parses its arguments before it calls ``build_flow``, and needs
+    the partitions to exist; creating them here spares operators a separate
+    ``python -m bytewax.recovery DIR N`` step.
+    """
+    directory = os.environ.get("BYTEWAX_RECOVERY_DIRECTORY")
+    argv = sys.argv
+    for flag in ("-r", "--recovery-directory"):
+        if flag in argv[:-1]:
+            directory = argv[argv.index(flag) + 1]
+    if not directory:
+        return
+    path = Path(directory)
+    if path.exists() and any(path.glob("part-*.sqlite3")):
+        return
+    from bytewax.recovery import init_db_dir
+
+    path.mkdir(parents=True, exist_ok=True)
+    init_db_dir(path, partitions)

@@ -1,0 +1,488 @@
+"""Streaming user and item features, and trending lists.
+
+In:  topics interactions (InteractionEvent), catalog.items (ItemRecord), catalog.users (UserProfile).
+Out: Feast online store (Redis) views user_profile, user_short_term, user_long_term,
+     item_metadata, item_stats; the compact JSON documents the API reads
+     (RedisKeys.user_profile / user_features / item_features); trending ZSETs
+     (RedisKeys.trending(region), None = global); bad records -> dead-letter topic.
+
+    python -m bytewax.run "flows.features:build_flow()" -r .recsys/recovery/features -s 5 -b 30
+    # scale out: one process per partition group, same command with -i 0/-i 1 and
+    #   -a "host0:2101;host1:2101" (recovery dir on storage both see).
+
+Steps (keyed state lives with its key's worker; every step is deterministic in
+event time, so a replay from a snapshot rebuilds the same state):
+
+1. ``dedup_events`` (by user): drops event_ids seen before (at-least-once log),
+   fills the region from the user's profile.
+2. ``item_state`` (by item): metadata from catalog.items, counts, windows, CTR,
+   trending scores; tags each event with the item's category.
+3. ``user_state`` (by user): recent items, consumed/skipped, decayed category
+   affinity, session and lifetime counters.
+
+Each key flushes at most once per ``features.flush_interval_s`` (a timer per
+key): that is the micro-batch, and the sink writes every flushed key of a batch
+in one Redis pipeline. All writes overwrite (never increment), so a restart that
+replays part of the log converges on the same values.
+
+Late events (several partitions interleave, and replay after a restart does so
+differently): every feature is computed so the final value does not depend on
+arrival order. Totals, CTR, decayed affinities and trending are order-free sums.
+Windowed counts are as of the item's newest event; an event older than that by
+more than the window plus ``features.lateness_s`` is left out of the windows
+(it could never be inside one again) but still counts in the totals. A user's
+session is the newest run of events with gaps under ``features.session_gap_s``
+among the user's last 200 events, also independent of arrival order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.operators import StatefulBatchLogic
+
+from flows._common import (
+    FlowIO,
+    dead_letter_sink,
+    ensure_recovery_dir,
+    kafka_source,
+    parse_with,
+    route_dead_letters,
+    to_message,
+)
+from schemas.catalog import ItemRecord, UserProfile
+from schemas.events import InteractionEvent
+from schemas.topics import Topics
+from serving.config import FeatureSettings, Settings, load_settings
+
+FLOW_NAME = "features"
+CONSUMED_TYPES = frozenset({"view", "click", "watch", "like"})
+# How much one interaction says about taste: a like more than a view; a skip against.
+AFFINITY_WEIGHT = {"view": 1.0, "click": 2.0, "watch": 2.0, "like": 4.0, "skip": -2.0}
+# How much one interaction makes an item "trending".
+TRENDING_WEIGHT = {"view": 1.0, "click": 1.0, "watch": 2.0, "like": 3.0}
+WINDOWS = (("1h", 3600, 300), ("24h", 86400, 3600), ("7d", 7 * 86400, 3600))  # name, span, bucket size
+STAT_INDEX = {"view": 0, "click": 1, "like": 2, "skip": 3}  # bucket slots; slot 4 = watch seconds
+STAT_NAMES = ("views", "clicks", "likes", "skips", "watch_seconds")
+# Event times kept per user to find the current session (its length is capped by this).
+SESSION_TIMES = 200
+
+
+def _epoch(ts: datetime) -> float:
+    return ts.timestamp()
+
+
+def _iso(epoch_us: int) -> str:
+    return datetime.fromtimestamp(epoch_us / 1e6, UTC).isoformat()
+
+
+def _decay(value: float, dt: float, half_life_s: float) -> float:
+    return value * math.exp(-math.log(2) * dt / half_life_s) if dt > 0 else value
+
+
+# -- 1. de-duplication by event id ----------------------------------------------
+@dataclass
+class DedupState:
+    region: str | None = None
+    ids: deque[str] = field(default_factory=deque)
+
+
+class DedupLogic(StatefulBatchLogic[Any, Any, DedupState]):
+    """(user) profiles and events -> profiles, and events seen for the first time with a region."""
+
+    def __init__(self, cfg: FeatureSettings, state: DedupState | None) -> None:
+        self.cfg = cfg
+        self.state = state or DedupState()
+        self.seen = set(self.state.ids)
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = []
+        state = self.state
+        for kind, record in values:
+            if kind == "profile":
+                state.region = record.region
+                out.append(("profile", record))
+                continue
+            if record.event_id in self.seen:
+                continue
+            self.seen.add(record.event_id)
+            state.ids.append(record.event_id)
+            if len(state.ids) > self.cfg.dedup_ids:
+                self.seen.discard(state.ids.popleft())
+            out.append(("event", (record, record.region or state.region)))
+        return out, self.RETAIN
+
+    def snapshot(self) -> DedupState:
+        return DedupState(self.state.region, deque(self.state.ids))
+
+
+# -- 2. item state ----------------------------------------------------------------
+@dataclass
+class ItemState:
+    item_id: str
+    meta: dict[str, Any] = field(default_factory=lambda: {"status": "unknown"})
+    counts: dict[str, int] = field(default_factory=dict)
+    watch_seconds: float = 0.0
+    watermark: float = 0.0
+    # window name -> bucket index -> [views, clicks, likes, skips, watch_seconds]
+    buckets: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    # region ("" = global) -> ln(sum of w * exp(t / tau))
+    trending: dict[str, float] = field(default_factory=dict)
+    dirty_trending: set[str] = field(default_factory=set)
+    newest_us: int = 0
+    changes: int = 0
+    dirty: bool = False
+
+    def bump(self, ts: float) -> None:
+        self.newest_us = max(self.newest_us, int(ts * 1e6))
+        self.changes += 1
+
+    @property
+    def version_us(self) -> int:
+        # Feast keeps a row only if its timestamp is newer: newest time + number of
+        # changes grows with every change and, unlike the order of arrival, is the
+        # same whichever way partitions interleave (a replay ends on the same value).
+        return self.newest_us + self.changes
+
+
+def item_document(state: ItemState, cfg: FeatureSettings) -> dict[str, Any]:
+    """The ItemFeatures document (schemas.features) for the item's current state."""
+    c = state.counts
+    windows: dict[str, dict[str, float]] = {}
+    for name, span, size in WINDOWS:
+        start = int((state.watermark - span) // size) + 1
+        sums = [0.0] * 5
+        for index, bucket in state.buckets.get(name, {}).items():
+            if index >= start:
+                for i in range(5):
+                    sums[i] += bucket[i]
+        windows[name] = dict(zip(STAT_NAMES, sums, strict=True))
+    clicks, impressions = c.get("click", 0), c.get("impression", 0)
+    return {
+        "item_id": state.item_id,
+        **state.meta,
+        "views": c.get("view", 0), "clicks": clicks, "watches": c.get("watch", 0), "likes": c.get("like", 0),
+        "skips": c.get("skip", 0), "impressions": impressions, "watch_seconds": state.watch_seconds,
+        "windows": windows,
+        "ctr": (clicks + cfg.ctr_prior_alpha) / (impressions + cfg.ctr_prior_alpha + cfg.ctr_prior_beta),
+        "trending_score": state.trending.get("", 0.0),
+        "stats_as_of": state.watermark,
+        "updated_at": _iso(state.version_us),
+    }
+
+
+def _meta_from_record(record: ItemRecord) -> dict[str, Any]:
+    return {
+        "category": record.category, "tags": list(record.tags), "language": record.language,
+        "regions": list(record.regions) if record.regions is not None else None,
+        "status": str(record.status), "published_at": record.published_at.timestamp() if record.published_at else None,
+        "maturity_rating": str(record.maturity_rating) if record.maturity_rating else None,
+    }
+
+
+class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
+    """(item) metadata and events -> ("enriched", (event, category)) now, ("item", doc) on flush."""
+
+    def __init__(self, cfg: FeatureSettings, state: ItemState | None) -> None:
+        self.cfg = cfg
+        self.state = state or ItemState("")
+        self.tau = cfg.trending_half_life_h * 3600 / math.log(2)
+        self.next_flush = flush_deadline_for(cfg) if self.state.dirty else None
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = []
+        s = self.state
+        for kind, record in values:
+            s.item_id = s.item_id or _item_key((kind, record))
+            if kind == "meta":
+                s.meta = _meta_from_record(record)
+                s.bump(record.updated_at.timestamp())
+            else:
+                event, region = record
+                self._apply(event, region)
+                out.append(("enriched", (event, s.meta.get("category"))))
+            s.dirty = True
+        if s.dirty and self.next_flush is None:
+            self.next_flush = flush_deadline_for(self.cfg)
+        return out, self.RETAIN
+
+    def _apply(self, event: InteractionEvent, region: str | None) -> None:
+        s, cfg = self.state, self.cfg
+        kind = str(event.interaction_type)
+        ts = _epoch(event.timestamp)
+        s.counts[kind] = s.counts.get(kind, 0) + 1
+        seconds = event.interaction_value or 0.0 if kind == "watch" else 0.0
+        s.watch_seconds += seconds
+        s.bump(ts)
+        s.watermark = max(s.watermark, ts)
+        # Windows are as of the item's newest event. Buckets are kept for span +
+        # lateness behind it; an event older than that could never be inside a window
+        # again (the newest time only grows), so skipping it keeps the result the same
+        # in any arrival order. Partitions replaying at different speeds after a
+        # restart therefore end on the same windows.
+        slot = STAT_INDEX.get(kind)
+        for name, span, size in WINDOWS:
+            buckets = s.buckets.setdefault(name, {})
+            oldest = int((s.watermark - span - cfg.lateness_s) // size)
+            index = int(ts // size)
+            if (slot is not None or seconds) and index >= oldest:
+                bucket = buckets.setdefault(index, [0.0] * 5)
+                if slot is not None:
+                    bucket[slot] += 1
+                bucket[4] += seconds
+            if len(buckets) > span // size + cfg.lateness_s // size + 2:
+                for stale in [i for i in buckets if i < oldest]:
+                    del buckets[stale]
+        # Trending is a sum of w * exp(t / tau) (kept as a log): the same in any order.
+        weight = TRENDING_WEIGHT.get(kind)
+        if weight:
+            for scope in ("", region) if region else ("",):
+                term = math.log(weight) + ts / self.tau
+                old = s.trending.get(scope)
+                s.trending[scope] = term if old is None else max(old, term) + math.log1p(math.exp(-abs(old - term)))
+                s.dirty_trending.add(scope)
+
+    def _flush(self) -> list[Any]:
+        s = self.state
+        if not s.dirty:
+            return []
+        out: list[Any] = [("item", item_document(s, self.cfg))]
+        out.extend(("trending", (scope or None, (s.item_id, s.trending[scope])))
+                   for scope in sorted(s.dirty_trending))
+        s.dirty_trending.clear()
+        s.dirty = False
+        self.next_flush = None
+        return out
+
+    def on_notify(self) -> tuple[Iterable[Any], bool]:
+        return self._flush(), self.RETAIN
+
+    def on_eof(self) -> tuple[Iterable[Any], bool]:
+        return self._flush(), self.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return self.next_flush
+
+    def snapshot(self) -> ItemState:
+        return copy.deepcopy(self.state)
+
+
+def flush_deadline_for(cfg: FeatureSettings) -> datetime:
+    from datetime import timedelta
+
+    return datetime.now(UTC) + timedelta(seconds=cfg.flush_interval_s)
+
+
+# -- 3. user state ----------------------------------------------------------------
+@dataclass
+class UserState:
+    user_id: str
+    # (ts, item_id, type), sorted by time ascending; the newest `recent_size` kept.
+    recent: list[tuple[float, str, str]] = field(default_factory=list)
+    consumed: dict[str, float] = field(default_factory=dict)  # item -> last time
+    skipped: dict[str, float] = field(default_factory=dict)
+    affinity: dict[str, float] = field(default_factory=dict)
+    long_term: dict[str, float] = field(default_factory=dict)
+    as_of: float = 0.0
+    total_events: int = 0
+    total_likes: int = 0
+    total_skips: int = 0
+    total_watch_seconds: float = 0.0
+    times: list[float] = field(default_factory=list)
+    last_active: float = 0.0
+    newest_us: int = 0
+    changes: int = 0
+    dirty: bool = False
+
+    @property
+    def version_us(self) -> int:
+        return self.newest_us + self.changes
+
+
+def _newest(entries: dict[str, float], n: int) -> list[str]:
+    return [k for k, _ in sorted(entries.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+def session(times: list[float], gap_s: float) -> tuple[int, float]:
+    """(events, start) of the newest run of event times with no gap longer than ``gap_s``."""
+    if not times:
+        return 0, 0.0
+    start = len(times) - 1
+    while start > 0 and times[start] - times[start - 1] <= gap_s:
+        start -= 1
+    return len(times) - start, times[start]
+
+
+def user_document(s: UserState, cfg: FeatureSettings) -> dict[str, Any]:
+    """The UserFeatures document (schemas.features) for the user's current state."""
+    session_events, session_start = session(s.times, cfg.session_gap_s)
+    return {
+        "user_id": s.user_id,
+        "recent": [{"item_id": i, "interaction_type": t, "ts": ts} for ts, i, t in reversed(s.recent)],
+        "consumed": _newest(s.consumed, cfg.consumed_size),
+        "skipped": _newest(s.skipped, cfg.skipped_size),
+        "category_affinity": dict(sorted(s.affinity.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "long_term_affinity": dict(sorted(s.long_term.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "affinity_as_of": s.as_of,
+        "total_events": s.total_events, "total_likes": s.total_likes, "total_skips": s.total_skips,
+        "total_watch_seconds": s.total_watch_seconds,
+        "session_events": session_events, "session_start": session_start, "last_active": s.last_active,
+        "updated_at": _iso(s.version_us),
+    }
+
+
+class UserLogic(StatefulBatchLogic[Any, Any, UserState]):
+    """(user) (event, category) -> ("user", doc) on flush."""
+
+    def __init__(self, cfg: FeatureSettings, state: UserState | None) -> None:
+        self.cfg = cfg
+        self.state = state or UserState("")
+        self.short_half = cfg.affinity_half_life_h * 3600
+        self.long_half = cfg.long_term_half_life_h * 3600
+        self.next_flush = flush_deadline_for(cfg) if self.state.dirty else None
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
+        for event, category in values:
+            self.state.user_id = self.state.user_id or event.user_id
+            self._apply(event, category)
+        if self.next_flush is None:
+            self.next_flush = flush_deadline_for(self.cfg)
+        return (), self.RETAIN
+
+    def _apply(self, event: InteractionEvent, category: str | None) -> None:
+        s, cfg = self.state, self.cfg
+        kind = str(event.interaction_type)
+        ts = _epoch(event.timestamp)
+        s.dirty = True
+        s.newest_us = max(s.newest_us, int(ts * 1e6))
+        s.changes += 1
+        s.total_events += 1
+        s.total_likes += kind == "like"
+        s.total_skips += kind == "skip"
+        if kind == "watch":
+            s.total_watch_seconds += event.interaction_value or 0.0
+        if kind != "impression":
+            # The newest SESSION_TIMES event times, sorted: the same set in any arrival
+            # order (one user's events reach this step from many item workers).
+            bisect.insort(s.times, ts)
+            del s.times[: max(0, len(s.times) - SESSION_TIMES)]
+        if kind != "impression":
+            bisect.insort(s.recent, (ts, event.item_id, kind))
+            del s.recent[: max(0, len(s.recent) - cfg.recent_size)]
+        if kind in CONSUMED_TYPES:
+            s.consumed[event.item_id] = max(ts, s.consumed.get(event.item_id, ts))
+            if len(s.consumed) > cfg.consumed_size * 2:  # trim in bulk, not on every event
+                s.consumed = {k: s.consumed[k] for k in _newest(s.consumed, cfg.consumed_size)}
+        elif kind == "skip":
+            s.skipped[event.item_id] = max(ts, s.skipped.get(event.item_id, ts))
+            if len(s.skipped) > cfg.skipped_size * 2:
+                s.skipped = {k: s.skipped[k] for k in _newest(s.skipped, cfg.skipped_size)}
+        # Decayed sums are kept as of the newest event time: adding a late event
+        # is then the same sum in any order.
+        if ts > s.as_of:
+            factor_short = math.exp(-math.log(2) * (ts - s.as_of) / self.short_half)
+            factor_long = math.exp(-math.log(2) * (ts - s.as_of) / self.long_half)
+            for cat in s.affinity:
+                s.affinity[cat] *= factor_short
+            for cat in s.long_term:
+                s.long_term[cat] *= factor_long
+            s.as_of = ts
+        weight = AFFINITY_WEIGHT.get(kind, 0.0)
+        if category and weight:
+            age = s.as_of - ts
+            s.affinity[category] = s.affinity.get(category, 0.0) + _decay(weight, age, self.short_half)
+            s.long_term[category] = s.long_term.get(category, 0.0) + _decay(weight, age, self.long_half)
+        s.last_active = max(s.last_active, ts)
+
+    def _flush(self) -> list[Any]:
+        self.next_flush = None
+        if not self.state.dirty:
+            return []
+        self.state.dirty = False
+        return [("user", user_document(self.state, self.cfg))]
+
+    def on_notify(self) -> tuple[Iterable[Any], bool]:
+        return self._flush(), self.RETAIN
+
+    def on_eof(self) -> tuple[Iterable[Any], bool]:
+        return self._flush(), self.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return self.next_flush
+
+    def snapshot(self) -> UserState:
+        return copy.deepcopy(self.state)
+
+
+# -- the dataflow ------------------------------------------------------------------
+def default_io(settings: Settings, tail: bool = True) -> FlowIO:
+    from flows.sinks import FeatureSink
+
+    topics = [settings.topic(t) for t in (Topics.INTERACTIONS, Topics.CATALOG_ITEMS, Topics.CATALOG_USERS)]
+    return FlowIO(source=kafka_source(settings, topics, tail=tail), dead_letters=dead_letter_sink(settings),
+                  outputs={"features": FeatureSink(settings)})
+
+
+def build_flow(settings: Settings | None = None, io: FlowIO | None = None, tail: bool = True) -> Dataflow:
+    """The features dataflow; ``tail=False`` stops at the end of the log (replays, tests, benchmarks)."""
+    settings = settings or load_settings()
+    cfg = settings.features
+    if io is None:
+        ensure_recovery_dir(cfg.recovery_partitions)
+        io = default_io(settings, tail=tail)
+    models = {
+        settings.topic(Topics.INTERACTIONS): InteractionEvent,
+        settings.topic(Topics.CATALOG_ITEMS): ItemRecord,
+        settings.topic(Topics.CATALOG_USERS): UserProfile,
+    }
+    interactions, items = settings.topic(Topics.INTERACTIONS), settings.topic(Topics.CATALOG_ITEMS)
+
+    flow = Dataflow(FLOW_NAME)
+    raw = op.input("read_log", flow, io.source)
+    parsed = op.map("parse_record", op.map("to_message", raw, to_message), parse_with(models, FLOW_NAME))
+    ok_or_dead = op.branch("split_dead_letters", parsed, lambda r: r[0] == "ok")
+    route_dead_letters(settings, FLOW_NAME, op.map("dead_record", ok_or_dead.falses, lambda r: r[1]),
+                       io.dead_letters)
+    records = op.map("record", ok_or_dead.trues, lambda r: r[1])  # (topic, record)
+
+    by_topic = op.branch("split_items", records, lambda tr: tr[0] == items)
+    item_meta = op.map("tag_item_meta", by_topic.trues, lambda tr: ("meta", tr[1]))
+    user_side = op.map("tag_user_side", by_topic.falses,
+                       lambda tr: ("event" if tr[0] == interactions else "profile", tr[1]))
+
+    deduped = op.stateful_batch("dedup_events", op.key_on("key_by_user", user_side, lambda kv: kv[1].user_id),
+                                lambda state: DedupLogic(cfg, state))  # (user, ("event", (event, region)) | ("profile", p))
+    from_dedup = op.branch("split_profiles", op.map("drop_user_key", deduped, lambda kv: kv[1]),
+                           lambda kv: kv[0] == "profile")
+    profiles = op.map("profile_update", from_dedup.trues, lambda kv: ("profile", kv[1]))
+
+    item_in = op.merge("item_inputs", item_meta, from_dedup.falses)
+    item_out = op.stateful_batch(
+        "item_state", op.key_on("key_by_item", item_in, _item_key), lambda state: ItemLogic(cfg, state)
+    )  # (item, ("enriched", (event, category)) | ("item", doc) | ("trending", (region, score)))
+    item_split = op.branch("split_enriched", op.map("drop_item_key", item_out, lambda kv: kv[1]),
+                           lambda kv: kv[0] == "enriched")
+    enriched = op.map("enriched_event", item_split.trues, lambda kv: kv[1])  # (event, category)
+    user_out = op.stateful_batch(
+        "user_state", op.key_on("key_enriched_by_user", enriched, lambda ec: ec[0].user_id),
+        lambda state: UserLogic(cfg, state),
+    )  # (user, ("user", doc))
+    updates = op.merge("feature_updates", profiles, item_split.falses,
+                       op.map("drop_user_state_key", user_out, lambda kv: kv[1]))
+    op.output("write_features", updates, io.outputs["features"])
+    return flow
+
+
+
+def _item_key(tagged: tuple[str, Any]) -> str:
+    kind, record = tagged
+    return record.item_id if kind == "meta" else record[0].item_id

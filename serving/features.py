@@ -1,0 +1,164 @@
+"""Online features for the serving hot path, and Feast reads for the debug endpoints.
+
+In:  the compact JSON documents flows/features writes (RedisKeys.user_profile,
+     user_features, item_features), the trending and co-visitation ZSETs.
+Out: ``UserContext`` for the pipeline, item feature dicts, trending lists.
+
+Why not Feast on the hot path: ``get_online_features`` for 500 items measured
+30 ms p50 / 220 ms p99 (DESIGN.md). Here one request costs one MGET for the
+user and one MGET for the candidates (~1 ms for 200 items), and item documents
+are cached in-process for ``features.reader_cache_ttl_s`` (slowly changing
+metadata; statistics are at most that stale). Feast stays the store of record:
+the same values are in its online store, read by ``FeastReader`` below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from serving.config import Settings
+from serving.pipeline.types import UserContext
+
+MGET_CHUNK = 500
+
+
+def trending_popularity(score: float, now: float, half_life_h: float) -> float:
+    """A trending ZSET score (ln sum w*exp(t/tau)) -> decayed popularity at ``now`` (epoch s)."""
+    tau = half_life_h * 3600 / math.log(2)
+    return math.exp(score - now / tau)
+
+
+def context_from_documents(user_id: str, profile: dict[str, Any], features: dict[str, Any]) -> UserContext:
+    """A UserContext from the profile and UserFeatures documents (also used by offline replays)."""
+    return UserContext(
+        user_id=user_id,
+        region=profile.get("region"),
+        language=profile.get("language"),
+        age_bucket=profile.get("age_bucket"),
+        recent=[(r["item_id"], r["interaction_type"], r["ts"]) for r in features.get("recent", ())],
+        consumed=set(features.get("consumed", ())),
+        skipped=set(features.get("skipped", ())),
+        category_affinity=dict(features.get("category_affinity", {})),
+        preferred_categories=list((profile.get("preferences") or {}).get("categories", ())),
+    )
+
+
+class OnlineFeatures:
+    """Fast reads of user and item features; one instance per process, shared by requests."""
+
+    def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
+        self.settings = settings
+        self.keys = settings.keys
+        self.client = client
+        self.cache_ttl_s = settings.features.reader_cache_ttl_s
+        self._items: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+    async def user_context(self, user_id: str, *, surface: str = "homepage", limit: int = 10,
+                           device: str | None = None, region: str | None = None,
+                           current_item_id: str | None = None) -> UserContext:
+        """The user's profile and streaming state in one round trip (a cold user gets an empty context)."""
+        profile_raw, features_raw = await self.client.mget(self.keys.user_profile(user_id),
+                                                           self.keys.user_features(user_id))
+        profile = orjson.loads(profile_raw) if profile_raw else {}
+        features = orjson.loads(features_raw) if features_raw else {}
+        ctx = context_from_documents(user_id, profile, features)
+        ctx.surface, ctx.limit, ctx.device, ctx.current_item_id = surface, limit, device, current_item_id
+        ctx.region = region or ctx.region
+        return ctx
+
+    async def item_features(self, item_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """item_id -> ItemFeatures document (schemas.features); items never seen are left out."""
+        now = time.monotonic()
+        found: dict[str, dict[str, Any]] = {}
+        missing: list[str] = []
+        for item_id in dict.fromkeys(item_ids):
+            cached = self._items.get(item_id)
+            if cached and cached[0] > now:
+                if cached[1] is not None:
+                    found[item_id] = cached[1]
+            else:
+                missing.append(item_id)
+        if missing:
+            expires = now + self.cache_ttl_s
+            for start in range(0, len(missing), MGET_CHUNK):
+                chunk = missing[start:start + MGET_CHUNK]
+                raws = await self.client.mget([self.keys.item_features(i) for i in chunk])
+                for item_id, raw in zip(chunk, raws, strict=True):
+                    doc = orjson.loads(raw) if raw else None
+                    if self.cache_ttl_s > 0:
+                        self._items[item_id] = (expires, doc)
+                    if doc is not None:
+                        found[item_id] = doc
+            if len(self._items) > 200_000:  # bound memory: drop expired entries
+                self._items = {k: v for k, v in self._items.items() if v[0] > now}
+        return found
+
+    async def trending(self, region: str | None = None, k: int = 100) -> list[tuple[str, float]]:
+        """Top ``k`` trending items (global when region is None), best first."""
+        rows = await self.client.zrevrange(self.keys.trending(region), 0, k - 1, withscores=True)
+        return [(member.decode(), score) for member, score in rows]
+
+    async def neighbours(self, item_id: str, k: int = 100) -> list[tuple[str, float]]:
+        """Co-visitation neighbours of an item, closest first."""
+        rows = await self.client.zrevrange(self.keys.item_neighbours(item_id), 0, k - 1, withscores=True)
+        return [(member.decode(), score) for member, score in rows]
+
+    async def serving_documents(self, entity: str, entity_id: str) -> dict[str, Any] | None:
+        """The raw documents the hot path reads (for the debug endpoints)."""
+        if entity == "user":
+            raws = await self.client.mget(self.keys.user_profile(entity_id), self.keys.user_features(entity_id))
+            docs = {"profile": raws[0], "features": raws[1]}
+        else:
+            docs = {"features": await self.client.get(self.keys.item_features(entity_id))}
+        if all(v is None for v in docs.values()):
+            return None
+        return {name: orjson.loads(raw) if raw else None for name, raw in docs.items()}
+
+
+class FeastReader:
+    """Feast ``get_online_features`` for operators; built on first use (importing Feast takes seconds)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._store: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _get_store(self) -> Any:
+        async with self._lock:
+            if self._store is None:
+                from feature_repo.store import feature_store
+
+                self._store = await asyncio.to_thread(feature_store, self.settings)
+        return self._store
+
+    async def read(self, entity: str, entity_id: str) -> dict[str, dict[str, dict[str, Any]]]:
+        """view -> feature -> {value, updated_at}; features never written have value None."""
+        from feature_repo import feature_definitions as defs
+
+        store = await self._get_store()
+        views: Sequence[Any] = defs.USER_VIEWS if entity == "user" else defs.ITEM_VIEWS
+        refs = [f"{view.name}:{f.name}" for view in views for f in view.features]
+        rows = [{f"{entity}_id": entity_id}]
+
+        def read() -> dict[str, list[Any]]:
+            response = store.get_online_features(features=refs, entity_rows=rows, full_feature_names=True)
+            return response.to_dict(include_event_timestamps=True)  # type: ignore[no-any-return]
+
+        values = await asyncio.to_thread(read)
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for view in views:
+            for f in view.features:
+                name = f"{view.name}__{f.name}"
+                value = values.get(name, [None])[0]
+                ts = values.get(f"{name}__ts", [None])[0]
+                updated = datetime.fromtimestamp(ts, UTC) if value is not None and ts else None
+                out.setdefault(view.name, {})[f.name] = {"value": value, "updated_at": updated}
+        return out
