@@ -81,7 +81,7 @@ def wrk(url: str, *, seconds: int = 10, connections: int = 32, threads: int = 1,
             [require_wrk(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(lua), url],
             capture_output=True, text=True, check=True,
         ).stdout
-    line = next(l for l in out.splitlines() if l.startswith("WRKJSON "))
+    line = next(row for row in out.splitlines() if row.startswith("WRKJSON "))
     raw = json.loads(line.removeprefix("WRKJSON "))
     secs = raw["duration_us"] / 1e6
     return {

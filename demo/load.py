@@ -90,24 +90,43 @@ async def publish(data: MovieLens, api: str, key: str | None, quiet: bool = Fals
     return {"users": len(data.users), "items": len(data.items), "interactions": len(data.interactions)}
 
 
+def request_first_model(api: str, key: str | None) -> str:
+    """Ask the trainer for a model if none is live yet (POST /models/refresh); says what it did."""
+    headers = {"x-api-key": key} if key else {}
+    with httpx.Client(base_url=api, headers=headers, timeout=10.0) as client:
+        models = client.get("/models")
+        if models.status_code == 200 and models.json().get("live"):
+            return f"model {models.json()['live']['version']} is live"
+        refresh = client.post("/models/refresh")
+        if refresh.status_code != 202:
+            return f"could not request a model ({refresh.status_code}: {refresh.text[:200]})"
+        return ("the first model is training in the background (a few minutes); until it is live, "
+                "lists come from trending. `GET /models` shows it")
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--api", default=f"http://{settings.api.host}:{settings.api.port}")
     parser.add_argument("--force", action="store_true", help="publish even if this broker run has the data")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--no-model", action="store_true", help="do not ask for a first model")
     args = parser.parse_args(argv)
     stack = EmbeddedStack(settings)
     marker = Path(settings.stack.state_dir) / "demo-loaded"
     run_id = stack.broker_run_id()
     if not args.force and run_id and marker.exists() and marker.read_text().strip() == run_id:
         print("demo data already loaded into this broker run (use --force to publish again)")
+        if not args.no_model:
+            print(request_first_model(args.api, api_key(settings)))
         return 0
     data = load_movielens()
     counts = asyncio.run(publish(data, args.api, api_key(settings), quiet=args.quiet))
     if run_id:
         marker.write_text(run_id)
     print("published " + ", ".join(f"{n:,} {k}" for k, n in counts.items()))
+    if not args.no_model:
+        print(request_first_model(args.api, api_key(settings)))
     return 0
 
 

@@ -13,6 +13,7 @@ already running is used and left alone.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from pydantic import BaseModel
 
 from serving.config import Settings, load_settings
 
@@ -35,9 +37,21 @@ REDIS = "redis"
 MILVUS = "milvus"
 API = "api"
 
-# Flows started by `up`, in order: name -> bytewax flow target and extra args.
-# Each entry is added by the issue that builds the flow.
-FLOWS: dict[str, list[str]] = {}
+# Dataflows started by `up`, in order: name -> (bytewax flow target, recovery on).
+# With recovery a flow runs as `python -m bytewax.run TARGET -r <state>/recovery/<name>
+# -s 5 -b 30`: a crash resumes from the last snapshot (sinks are idempotent). The
+# catalog flow has none on purpose: it replays its compacted topic on every start.
+FLOWS: dict[str, tuple[str, bool]] = {
+    "features": ("flows.features:build_flow()", True),
+    "catalog": ("flows.catalog:build_flow()", False),
+    "recommendations": ("flows.recommendations:build_flow()", True),
+}
+# Long-lived Python workers started by `up`: name -> `python` arguments.
+WORKERS: dict[str, list[str]] = {
+    "trainer": ["-m", "model.worker"],
+}
+SNAPSHOT_INTERVAL_S = 5
+BACKUP_INTERVAL_S = 30
 
 
 class StackError(RuntimeError):
@@ -82,9 +96,15 @@ def redis_ok(url: str) -> bool:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as RECSYS_* variables, so child processes see exactly these values."""
     env = {"RECSYS_ENVIRONMENT": settings.environment}
-    for section in ("kafka", "redis", "milvus", "api", "stack"):
-        for name, value in getattr(settings, section).model_dump().items():
-            env[f"RECSYS_{section.upper()}__{name.upper()}"] = str(value)
+    for section, model in settings:
+        if not isinstance(model, BaseModel):
+            continue
+        for name, value in model.model_dump(mode="json").items():
+            if value is None:
+                continue
+            # pydantic-settings reads complex values from the environment as JSON.
+            text = json.dumps(value) if isinstance(value, dict | list | bool) else str(value)
+            env[f"RECSYS_{section.upper()}__{name.upper()}"] = text
     return env
 
 
@@ -184,13 +204,15 @@ class EmbeddedStack:
         )
 
     def flow(self, name: str) -> Component:
-        recovery = self.state / "recovery" / name
-        return Component(
-            f"flow-{name}",
-            [sys.executable, "-m", "bytewax.run", *FLOWS[name]],
-            ready=lambda: True,
-            env={"RECSYS_FLOW_RECOVERY_DIR": str(recovery)},
-        )
+        target, recovery = FLOWS[name]
+        argv = [sys.executable, "-m", "bytewax.run", target]
+        if recovery:
+            argv += ["-r", str(self.state / "recovery" / name),
+                     "-s", str(SNAPSHOT_INTERVAL_S), "-b", str(BACKUP_INTERVAL_S)]
+        return Component(f"flow-{name}", argv, ready=lambda: True)
+
+    def worker(self, name: str) -> Component:
+        return Component(f"worker-{name}", [sys.executable, *WORKERS[name]], ready=lambda: True)
 
     # -- lifecycle -----------------------------------------------------------
     def start(self, component: Component, adopt_external: bool = False) -> str:
@@ -266,11 +288,18 @@ class EmbeddedStack:
         self.start_services(echo)
         for name in FLOWS:
             echo(f"flow     {self.start(self.flow(name)):8} {name}")
+        for name in WORKERS:
+            echo(f"worker   {self.start(self.worker(name)):8} {name}")
         echo(f"api      {self.start(self.api()):8} http://{self.settings.api.host}:{self.settings.api.port}")
+        if self.settings.security.auth_enabled and self.settings.environment == "development":
+            from infra.apikeys import dev_key_path, ensure_dev_key
+
+            key = ensure_dev_key(self.settings)
+            echo(f"api key  {key}  (kept in {dev_key_path(self.settings)}; send it as X-API-Key)")
 
     def down(self, echo: Callable[[str], None] = print) -> None:
         # API and flows first (they hold clients), then the services they use.
-        names = [API, *(f"flow-{n}" for n in FLOWS), MILVUS, REDIS, BROKER]
+        names = [API, *(f"flow-{n}" for n in FLOWS), *(f"worker-{n}" for n in WORKERS), MILVUS, REDIS, BROKER]
         names += sorted(p.stem for p in self.pid_dir.glob("*.pid") if p.stem not in names)
         for name in names:
             if self.stop(name):

@@ -36,6 +36,7 @@ from infra.milvus import (
 )
 from model.data import read_catalog, read_interactions, read_users
 from model.evaluate import evaluate_candidates, time_split
+from model.ranker import train_and_save as train_and_save_ranker
 from model.registry import ModelRegistry, new_version, remove_artefacts, save_model
 from model.train import ordered_unique, train_two_tower
 from schemas.events import ControlCommand
@@ -80,6 +81,9 @@ def refresh(settings: Settings, command_id: str | None = None, source: str | Non
         train = events
     model = train_two_tower(train, items, users, settings.model, version=version)
     folder = save_model(settings, model)
+    # The heavy ranker is versioned with the two-tower: trained on the same events, saved beside it.
+    ranker_metrics = train_and_save_ranker(settings, model, train, items, users, folder)
+    metrics = {**metrics, **{f"ranker_{k}": float(v) for k, v in (ranker_metrics or {}).items()}}
     collection = collection_name(settings, version)
     entry = ModelVersion(
         version=version, artefacts=str(folder), collection=collection, training_events=len(train),

@@ -52,6 +52,10 @@ class RedisKeys:
     def exposure(self, user_id: str, day: str) -> str:
         return f"{self.prefix}exposure:{day}:{user_id}"
 
+    def exposure_seen(self, day: str) -> str:
+        """Request ids already counted into the day's exposure (replay-safe counting)."""
+        return f"{self.prefix}exposure:{day}:seen"
+
     def model_registry(self) -> str:
         """Hash: ``live`` -> version, ``version:<v>`` -> ModelVersion JSON (model/registry.py)."""
         return f"{self.prefix}models"

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,8 +20,11 @@ from serving import metrics
 from serving.config import Settings, load_settings
 from serving.errors import error_body, install_error_handlers
 from serving.logging import RequestContext, configure_logging
+from serving.pipeline.factory import build_recommender
+from serving.pipeline.service import Recommender
 from serving.publisher import EventPublisher
-from serving.routes import catalog, features, health, interactions
+from serving.routes import catalog, features, health, interactions, recommendations
+from serving.routes import models as model_routes
 from serving.security import ApiKeyAuthenticator, protected
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,16 @@ class _TooLarge(Exception):
     pass
 
 
+async def _keep_snapshot(recommender: Recommender, every_s: float = 30.0) -> None:
+    """Keep the in-process popular list warm: the last resort when Redis is down."""
+    while True:
+        try:
+            await recommender.warm_snapshot()
+        except Exception as exc:  # noqa: BLE001 (keep the last good snapshot)
+            log.warning("snapshot_refresh_failed error=%r", exc)
+        await asyncio.sleep(every_s)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     configure_logging(settings)
@@ -81,9 +95,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_connect_timeout=settings.redis.socket_timeout_s,
         )
         app.state.authenticator = ApiKeyAuthenticator(settings, app.state.redis)
+        app.state.recommender, close_recommender = await build_recommender(
+            settings, app.state.redis, publish=app.state.publisher.publish_nowait)
+        snapshot = asyncio.create_task(_keep_snapshot(app.state.recommender))
         try:
             yield
         finally:
+            snapshot.cancel()
+            await close_recommender()
             app.state.publisher.close()
             await app.state.redis.aclose()
 
@@ -102,6 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(interactions.router, **protected(ApiScope.events_write))
     app.include_router(catalog.router, **protected(ApiScope.catalog_write))
     app.include_router(features.router, **protected(ApiScope.admin))
+    app.include_router(recommendations.router, **protected(ApiScope.recs_read))
+    app.include_router(model_routes.router, **protected(ApiScope.admin))
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
     # Outermost: request ids, latency and status metrics also cover the 413s above.
     app.add_middleware(RequestContext, max_request_id_length=settings.observability.max_request_id_length)

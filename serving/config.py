@@ -97,81 +97,6 @@ class StackSettings(BaseModel):
     start_timeout_s: float = 90.0
 
 
-class ModelSettings(BaseModel):
-    """The two-tower model, its training and its registry (model/)."""
-
-    # Where training reads the log: "topic" replays the interactions topic from
-    # the beginning; "archive" reads the Parquet archive of flows/archive.py.
-    training_source: Literal["topic", "archive"] = "topic"
-    # Parquet archive root (flows/archive.py); relative paths are under the state dir.
-    archive_dir: Path = Path("archive/interactions")
-    # Embedding size of both towers: 64 keeps CPU encoding and HNSW memory small.
-    dim: int = 64
-    # Hash buckets for content tokens (category, tags, language, year, title words).
-    content_buckets: int = 1 << 14
-    # The user tower looks at this many most recent interactions.
-    history_len: int = 50
-    epochs: int = 6
-    batch_size: int = 1024
-    learning_rate: float = 0.005
-    # Softmax temperature of the in-batch loss (dot products of unit vectors).
-    temperature: float = 0.07
-    # The item-id embedding is dropped this often in training so content alone
-    # must give a useful vector (that is what a brand-new item gets).
-    id_dropout: float = 0.3
-    seed: int = 7
-    # Offline metrics: the last fraction of the log (by time) is held out.
-    eval_holdout: float = 0.2
-    # After evaluating, train again on the whole log for the version that ships.
-    retrain_on_full_log: bool = True
-    # Empty polls in a row that end a replay of a topic (tansu's high watermark is wrong).
-    replay_idle_polls: int = 4
-    replay_poll_timeout_s: float = 0.5
-    # Versions kept on disk and in Milvus after a swap (the live one included).
-    keep_versions: int = 2
-    # How often API/flows check the registry for a new live version.
-    reload_interval_s: float = 5.0
-
-
-class RetrievalSettings(BaseModel):
-    """Candidate generation (serving/candidates/) and the item vectors in Milvus (infra/milvus.py)."""
-
-    # One collection per model version: "<collection_prefix>_<version>"; serving reads the alias.
-    collection_prefix: str = "items"
-    serving_alias: str = "items_serving"
-    # HNSW: M=16/efConstruction=200 measured >= 0.95 recall@100 (bench/retrieval.py).
-    hnsw_m: int = 16
-    hnsw_ef_construction: int = 200
-    # Search-time ef is max(ef_search, k): k=500 needs ef >= 500 (DESIGN.md).
-    ef_search: int = 128
-    # Merged, de-duplicated candidates per request.
-    max_candidates: int = 1000
-    # Per-source quotas; a source with quota 0 is off. The order is the merge order.
-    quotas: dict[str, int] = Field(
-        default_factory=lambda: {
-            "ann": 400,  # user tower -> ANN
-            "item2item": 100,  # ANN around the current / last item
-            "covisit": 150,  # co-visitation ZSETs (features flow)
-            "content": 150,  # filtered ANN within the user's top categories
-            "trending_region": 100,  # trending in the user's region
-            "trending": 150,  # global trending
-            "fresh": 100,  # recent and cold-start items (exploration)
-        }
-    )
-    # Each source gets this long; a late or failing source is skipped, the rest answer.
-    source_timeout_s: float = 0.08
-    # The whole candidate stage never takes longer than this.
-    total_timeout_s: float = 0.15
-    # Items published within this many days (or unseen by the model) form the fresh pool.
-    fresh_days: float = 365.0
-    # How many recent items seed item-to-item and co-visitation for a user without a current item.
-    seed_items: int = 3
-    # Categories (by affinity) the content source searches in.
-    content_categories: int = 3
-    # Filter ANN by the user's region (items with no regions are shown everywhere).
-    filter_by_region: bool = True
-
-
 class FeatureSettings(BaseModel):
     """Streaming features, co-visitation, trending and the archive (flows/, feature_repo/)."""
 
@@ -222,6 +147,123 @@ class FeatureSettings(BaseModel):
     reader_cache_ttl_s: float = 1.0
 
 
+class ModelSettings(BaseModel):
+    """The two-tower model, its training and its registry (model/)."""
+
+    # Where training reads the log: "topic" replays the interactions topic from
+    # the beginning; "archive" reads the Parquet archive of flows/archive.py.
+    training_source: Literal["topic", "archive"] = "topic"
+    # Parquet archive root (flows/archive.py); relative paths are under the state dir.
+    archive_dir: Path = Path("archive/interactions")
+    # Embedding size of both towers: 64 keeps CPU encoding and HNSW memory small.
+    dim: int = 64
+    # Hash buckets for content tokens (category, tags, language, year, title words).
+    content_buckets: int = 1 << 14
+    # The user tower looks at this many most recent interactions.
+    history_len: int = 50
+    epochs: int = 6
+    batch_size: int = 1024
+    learning_rate: float = 0.005
+    # Softmax temperature of the in-batch loss (dot products of unit vectors).
+    temperature: float = 0.07
+    # The item-id embedding is dropped this often in training so content alone
+    # must give a useful vector (that is what a brand-new item gets).
+    id_dropout: float = 0.3
+    seed: int = 7
+    # Offline metrics: the last fraction of the log (by time) is held out.
+    eval_holdout: float = 0.2
+    # After evaluating, train again on the whole log for the version that ships.
+    retrain_on_full_log: bool = True
+    # Empty polls in a row that end a replay of a topic (tansu's high watermark is wrong).
+    replay_idle_polls: int = 4
+    replay_poll_timeout_s: float = 0.5
+    # Versions kept on disk and in Milvus after a swap (the live one included).
+    keep_versions: int = 2
+    # How often API/flows check the registry for a new live version.
+    reload_interval_s: float = 5.0
+
+
+class RetrievalSettings(BaseModel):
+    """Candidate generation (serving/candidates/) and the item vectors in Milvus (infra/milvus.py)."""
+
+    # One collection per model version: "<collection_prefix>_<version>"; serving reads the alias.
+    collection_prefix: str = "items"
+    serving_alias: str = "items_serving"
+    # HNSW: M=16/efConstruction=200 with ef 256 measured >= 0.95 recall@100 (bench/retrieval.py).
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    # Search-time ef is max(ef_search, k): k=500 needs ef >= 500 (DESIGN.md).
+    ef_search: int = 256
+    # Merged, de-duplicated candidates per request.
+    max_candidates: int = 1000
+    # Per-source quotas; a source with quota 0 is off. The order is the merge order.
+    quotas: dict[str, int] = Field(
+        default_factory=lambda: {
+            "ann": 400,  # user tower -> ANN
+            "item2item": 100,  # ANN around the current / last item
+            "covisit": 150,  # co-visitation ZSETs (features flow)
+            "content": 150,  # filtered ANN within the user's top categories
+            "trending_region": 100,  # trending in the user's region
+            "trending": 150,  # global trending
+            "fresh": 100,  # recent and cold-start items (exploration)
+        }
+    )
+    # Each source gets this long; a late or failing source is skipped, the rest answer.
+    source_timeout_s: float = 0.08
+    # The whole candidate stage never takes longer than this.
+    total_timeout_s: float = 0.15
+    # Items published within this many days (or unseen by the model) form the fresh pool.
+    fresh_days: float = 365.0
+    # How many recent items seed item-to-item and co-visitation for a user without a current item.
+    seed_items: int = 3
+    # Categories (by affinity) the content source searches in.
+    content_categories: int = 3
+    # Filter ANN by the user's region (items with no regions are shown everywhere).
+    filter_by_region: bool = True
+
+
+class RecommendSettings(BaseModel):
+    """Serving: cache, budgets, fallbacks and ranking (serving/pipeline/service.py)."""
+
+    # Paths tried in order until one yields a list; see the README's "Fallbacks".
+    fallbacks: list[Literal["cache", "live", "trending_region", "popular"]] = Field(
+        default_factory=lambda: ["cache", "live", "trending_region", "popular"]
+    )
+    # The whole request, all paths together (the spec's SLO is 200 ms; leave headroom).
+    total_budget_ms: float = 150.0
+    # Per-stage budgets inside the live path; a stage over budget fails that path only.
+    features_budget_ms: float = 30.0
+    candidates_budget_ms: float = 90.0
+    # Background revalidation of a stale cached list may take longer (nobody waits).
+    refresh_budget_ms: float = 2000.0
+    # A cached list is fresh this long, then served stale while a refresh runs;
+    # cold users (no history) get a short freshness so they turn personal quickly.
+    cache_fresh_s: float = 300.0
+    cache_fresh_cold_s: float = 30.0
+    # Redis expiry of a cached list (after this, a miss goes to the live path).
+    cache_ttl_s: float = 86_400.0
+    # How many items a precomputed list keeps (pages are cut from it).
+    cache_size: int = 50
+    # The light ranker keeps this many candidates for the heavy ranker.
+    light_keep: int = 200
+    # Light-ranker weights per candidate source, and for the user's category affinity.
+    source_weights: dict[str, float] = Field(default_factory=lambda: {
+        "ann": 1.0, "item2item": 0.9, "covisit": 0.9, "content": 0.6, "trending_region": 0.4,
+        "trending": 0.3, "fresh": 0.2, "popular": 0.2, "affinity": 0.5,
+    })
+    # How deep the trending fallbacks read.
+    fallback_depth: int = 200
+    # Precompute flow: wait this long after a user's last event before recomputing.
+    debounce_s: float = 1.0
+    # Only events this recent trigger a recompute (a replay of old history does not).
+    recompute_horizon_s: float = 3600.0
+    # Heavy ranker training (model/ranker.py): replayed requests and epochs per model version.
+    ranker_requests: int = 1500
+    ranker_epochs: int = 5
+    # The policy file (serving/policies.yaml when empty).
+    policy_path: str = ""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RECSYS_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -233,11 +275,12 @@ class Settings(BaseSettings):
     milvus: MilvusSettings = Field(default_factory=MilvusSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     stack: StackSettings = Field(default_factory=StackSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
-    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    recommend: RecommendSettings = Field(default_factory=RecommendSettings)
 
     @model_validator(mode="after")
     def _check_production(self) -> Settings:
@@ -269,3 +312,29 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment (and .env), with explicit overrides on top."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def env_example() -> str:
+    """The text of .env.example: every setting as a commented RECSYS_* line with its default."""
+    import json
+
+    lines = [
+        "# Every setting of the service with its default (generated: python -m serving.config > .env.example).",
+        "# Uncomment and change what you need; the meaning of each is commented in serving/config.py.",
+        "",
+        f"# RECSYS_ENVIRONMENT={Settings.model_fields['environment'].default}",
+    ]
+    defaults = Settings.model_construct()
+    for section in Settings.model_fields:
+        value = getattr(defaults, section, None)
+        if not isinstance(value, BaseModel):
+            continue
+        lines += ["", f"# --- {section}: {(type(value).__doc__ or '').strip().splitlines()[0] if type(value).__doc__ else section}"]
+        for name, item in value.model_dump(mode="json").items():
+            text = "" if item is None else json.dumps(item) if isinstance(item, dict | list | bool) else str(item)
+            lines.append(f"# RECSYS_{section.upper()}__{name.upper()}={text}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(env_example(), end="")

@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
+from infra.apikeys import create_key
 from infra.stack import EmbeddedStack, settings_env
 from schemas.topics import ALL_TOPICS
 from serving.config import Settings
@@ -39,8 +40,15 @@ def running(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> I
     settings.redis.key_prefix = f"e2e{uuid.uuid4().hex[:8]}:"
     own = EmbeddedStack(settings)
     own.up(echo=lambda _: None)
+    key, _ = create_key(settings, "e2e", ["admin"], rate_per_s=100_000, burst=100_000)
+    os.environ["RECSYS_API_KEY"] = key
     yield own
+    os.environ.pop("RECSYS_API_KEY", None)
     own.down(echo=lambda _: None)
+
+
+def auth() -> dict[str, str]:
+    return {"X-API-Key": os.environ["RECSYS_API_KEY"]}
 
 
 def api_url(stack: EmbeddedStack) -> str:
@@ -78,8 +86,8 @@ def test_posted_event_is_readable_from_the_topic_and_bad_one_is_named(running: E
     event_id = f"e2e-{uuid.uuid4().hex}"
     body = {"event_id": event_id, "user_id": "e2e-user", "item_id": "50", "interaction_type": "click",
             "timestamp": "2024-05-01T12:00:00Z"}
-    assert httpx.post(f"{api_url(running)}/interactions", json=body, timeout=5).status_code == 202
-    bad = httpx.post(f"{api_url(running)}/interactions", json={**body, "item_id": None}, timeout=5)
+    assert httpx.post(f"{api_url(running)}/interactions", json=body, headers=auth(), timeout=5).status_code == 202
+    bad = httpx.post(f"{api_url(running)}/interactions", json={**body, "item_id": None}, headers=auth(), timeout=5)
     assert bad.status_code == 422 and bad.json()["details"][0]["field"] == "item_id"
     found = [v for _, v in read_all(running.settings, "interactions", 1, timeout_s=20) if v["event_id"] == event_id]
     assert len(found) == 1 and found[0]["user_id"] == "e2e-user"
@@ -87,7 +95,7 @@ def test_posted_event_is_readable_from_the_topic_and_bad_one_is_named(running: E
 
 def test_demo_loader_counts_read_back_from_the_topics(running: EmbeddedStack) -> None:
     env = {**os.environ, **settings_env(running.settings)}
-    subprocess.run([sys.executable, "-m", "demo.load", "--api", api_url(running), "--quiet", "--force"],
+    subprocess.run([sys.executable, "-m", "demo.load", "--api", api_url(running), "--quiet", "--force", "--no-model"],
                    check=True, cwd=ROOT, env=env, timeout=300)
     settings = running.settings
     users = read_all(settings, "catalog.users", 943)

@@ -42,3 +42,9 @@ def test_committed_json_schemas_are_current() -> None:
     on_disk = {p.name: p.read_text() for p in export.OUT_DIR.glob("*.json")}
     stale = sorted(name for name in wanted.keys() | on_disk.keys() if wanted.get(name) != on_disk.get(name))
     assert not stale, f"stale JSON schemas (run python -m schemas.export): {stale}"
+
+
+def test_env_example_lists_every_setting() -> None:
+    from serving.config import env_example
+
+    assert (ROOT / ".env.example").read_text() == env_example(), "stale .env.example (python -m serving.config > .env.example)"

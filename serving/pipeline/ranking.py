@@ -1,0 +1,87 @@
+"""Ranking: a light ranker cuts ~1,000 candidates to ~200, a heavy ranker orders those.
+
+Light: a weighted fusion of each source's score, normalised within the request
+(min-max per source, so sources with different scales mix fairly), plus a small
+bonus for agreement between sources and the user's category affinity.
+Heavy: the torch model in model/ranker.py when a trained version is live, over
+the features of ``ranking_features`` (the same function builds training rows,
+so serving and training cannot skew); without a model the light score stands.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from serving.pipeline.policies import published_epoch
+from serving.pipeline.types import Candidate, UserContext
+
+# Order matters: it is the column order of the heavy ranker's input.
+SOURCES = ("ann", "item2item", "covisit", "trending", "trending_region", "content", "fresh", "popular")
+SURFACES = ("homepage", "up_next", "related")
+DEVICES = ("mobile", "web", "tv")
+FEATURE_NAMES = (
+    *(f"src_{s}" for s in SOURCES),
+    "n_sources", "category_affinity", "preferred_category", "same_category_as_current",
+    "log_popularity", "ctr", "log_age_days", "user_is_cold",
+    *(f"surface_{s}" for s in SURFACES), *(f"device_{d}" for d in DEVICES),
+)
+
+
+def normalise_sources(candidates: Sequence[Candidate]) -> dict[str, tuple[float, float]]:
+    """Per-source (min, max) of the scores in this candidate set."""
+    bounds: dict[str, tuple[float, float]] = {}
+    for candidate in candidates:
+        for source, score in candidate.sources.items():
+            low, high = bounds.get(source, (score, score))
+            bounds[source] = (min(low, score), max(high, score))
+    return bounds
+
+
+def _scaled(score: float, bounds: tuple[float, float]) -> float:
+    low, high = bounds
+    return 1.0 if high <= low else (score - low) / (high - low)
+
+
+def affinity_share(ctx: UserContext, category: str | None) -> float:
+    if not category or not ctx.category_affinity:
+        return 0.0
+    total = sum(v for v in ctx.category_affinity.values() if v > 0) or 1.0
+    return max(0.0, ctx.category_affinity.get(category, 0.0)) / total
+
+
+def light_rank(candidates: list[Candidate], ctx: UserContext, items: Mapping[str, Mapping[str, Any]],
+               weights: Mapping[str, float], keep: int) -> list[Candidate]:
+    """Fuse source scores into one score; keep the best ``keep`` (best first)."""
+    bounds = normalise_sources(candidates)
+    for candidate in candidates:
+        fused = sum(weights.get(s, 0.5) * (0.5 + 0.5 * _scaled(v, bounds[s])) for s, v in candidate.sources.items())
+        category = (items.get(candidate.item_id) or {}).get("category")
+        candidate.score = fused + weights.get("affinity", 0.5) * affinity_share(ctx, category)
+    candidates.sort(key=lambda c: (-c.score, c.item_id))
+    return candidates[:keep]
+
+
+def ranking_features(ctx: UserContext, candidate: Candidate, item: Mapping[str, Any] | None,
+                     bounds: Mapping[str, tuple[float, float]], current_category: str | None = None) -> list[float]:
+    """One row of heavy-ranker input; used identically for training and serving."""
+    item = item or {}
+    row = [(_scaled(candidate.sources[s], bounds[s]) if s in candidate.sources else 0.0) for s in SOURCES]
+    category = item.get("category")
+    popularity = float(sum(item.get(k) or 0 for k in ("views", "clicks", "watches", "likes")))
+    published = published_epoch(item.get("published_at"))
+    age_days = max(0.0, (ctx.now.timestamp() - published) / 86400) if published is not None else 3650.0
+    row += [
+        float(len(candidate.sources)),
+        affinity_share(ctx, category),
+        1.0 if category and category in ctx.preferred_categories else 0.0,
+        1.0 if category and category == current_category else 0.0,
+        math.log1p(max(0.0, popularity)),
+        float(item.get("ctr") or 0.0),
+        math.log1p(age_days),
+        1.0 if ctx.is_cold else 0.0,
+    ]
+    row += [1.0 if ctx.surface == s else 0.0 for s in SURFACES]
+    row += [1.0 if ctx.device == d else 0.0 for d in DEVICES]
+    return row
