@@ -1,0 +1,225 @@
+"""The benchmark CLI: run one benchmark or all, then redraw the plots and the summary table.
+
+    python -m bench                       # = all (what `make bench` runs)
+    python -m bench quality [-- --chunk 50]
+    python -m bench offline | latency | freshness | ingest | retrieval | summary
+
+In: the embedded stack (`make up`: broker, Redis, Milvus) for every benchmark
+but ``offline``. Out: bench/results/<name>.json (each benchmark's own
+``main()`` saves it), <name>.png (bench.plots) and bench/results/README.md, the
+summary table (machine, date, commit, headline figures), rebuilt from every
+result present. Arguments after ``--`` go to the one benchmark named.
+
+``all`` runs, in order: offline, quality, ingest, freshness, retrieval,
+latency; a benchmark whose module does not exist yet is reported as missing,
+a failing one is reported and the rest still run (exit status 1 then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench._common import RESULTS
+
+ORDER = ["offline", "quality", "ingest", "freshness", "retrieval", "latency"]
+WHAT = {
+    "offline": "MovieLens-100K, Recommenders protocol (stratified 75/25, top 10)",
+    "quality": "MovieLens-100K prequential replay through the running system (80% warm-up, top 10)",
+    "ingest": "POST /interactions on one uvicorn worker vs a FastAPI hello-world",
+    "freshness": "event -> feature visible, event -> cached list changed",
+    "retrieval": "ANN recall and latency",
+    "latency": "GET /recommendations, cached and live paths, one uvicorn worker vs hello-world",
+}
+
+
+def run_one(name: str, argv: list[str]) -> tuple[str, float]:
+    """Import bench.<name> and call its main(); returns (status, seconds)."""
+    if importlib.util.find_spec(f"bench.{name}") is None:
+        return "missing (module not written yet)", 0.0
+    started = time.perf_counter()
+    try:
+        module = importlib.import_module(f"bench.{name}")
+        main = module.main
+        code = main(argv) if inspect.signature(main).parameters else main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code not in (None, 0) and not isinstance(exc.code, int):
+            print(f"{name}: {exc.code}", file=sys.stderr)
+    except Exception:  # noqa: BLE001 (one failing benchmark must not stop the others)
+        traceback.print_exc()
+        code = 1
+    seconds = time.perf_counter() - started
+    return ("ok" if not code else f"failed (exit {code})"), seconds
+
+
+# -- the summary ------------------------------------------------------------------------------------
+def _f(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def _quality(r: dict[str, Any]) -> list[str]:
+    lines = [f"Protocol: {r['protocol']}.", "",
+             "| arm | HR@10 | NDCG@10 | HR@10 cold users | NDCG@10 cold users | HR@10 cold items "
+             "| coverage | diversity | novelty (bits) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, a in r["arms"].items():
+        lines.append(f"| {name} | {_f(a['all']['hr@10'], 4)} | {_f(a['all']['ndcg@10'], 4)} | "
+                     f"{_f(a['cold_users']['hr@10'], 4)} | {_f(a['cold_users']['ndcg@10'], 4)} | "
+                     f"{_f(a['cold_items']['hr@10'], 4)} | {_f(a['coverage'])} | {_f(a['diversity'])} | "
+                     f"{_f(a['novelty'], 2)} |")
+    first = next(iter(r["arms"].values()))
+    lines.append("")
+    lines.append(f"Events evaluated: {first['all']['events']:,} (cold users {first['cold_users']['events']:,}, "
+                 f"cold items {first['cold_items']['events']:,}).")
+    if "system" in r["arms"] and "most-popular" in r["arms"]:
+        ratio = r["arms"]["system"]["all"]["ndcg@10"] / max(r["arms"]["most-popular"]["all"]["ndcg@10"], 1e-9)
+        lines.append(f"System NDCG@10 / most-popular NDCG@10 = **{ratio:.2f}** (issue 5 target: >= 2).")
+    if "system" in r:
+        lines.append(f"System lists served from: {r['system'].get('served_from')}.")
+    if "system_error" in r:
+        lines.append(f"**The live system did not run**: {r['system_error']}")
+    return lines
+
+
+def _offline(r: dict[str, Any]) -> list[str]:
+    lines = [f"Protocol: {r['protocol']}. Published figures: {r['published_source']}.", "",
+             "| algorithm | precision@10 | recall@10 | NDCG@10 | MAP |", "|---|---|---|---|---|"]
+    for label, rows in (("", r["ours"]), (" (published)", r["published"])):
+        for name, m in rows.items():
+            lines.append(f"| {name}{label} | {_f(m['precision@10'], 4)} | {_f(m['recall@10'], 4)} | "
+                         f"{_f(m['ndcg@10'], 4)} | {_f(m['map'], 4)} |")
+    return lines
+
+
+def _latency(r: dict[str, Any]) -> list[str]:
+    h = r["hello_world"]
+    lines = ["| items | path | req/s | p50 ms | p99 ms | x hello-world req/s | non-2xx | served_from (sample) "
+             "| API peak RSS MB |", "|---|---|---|---|---|---|---|---|---|",
+             f"| - | hello-world | {_f(h['rps'], 0)} | {_f(h['p50_ms'], 2)} | {_f(h['p99_ms'], 2)} | 1.00 | "
+             f"{h['non2xx']} | - | {_f(h.get('peak_rss_mb'), 0)} |"]
+    for size, row in r["sizes"].items():
+        for path in ("cached", "live"):
+            p = row[path]
+            lines.append(f"| {int(size):,} | {path} | {_f(p['rps'], 0)} | {_f(p['p50_ms'], 2)} | "
+                         f"{_f(p['p99_ms'], 2)} | {_f(p.get('ratio_to_hello_world'), 3)} | {p['non2xx']} | "
+                         f"{p.get('served_from_sample')} | {_f(p.get('api_peak_rss_mb'), 0)} |")
+    mem = r.get("memory", {})
+    if mem:
+        lines.append("")
+        lines.append(f"Milvus server peak RSS {_f(mem.get('milvus_peak_rss_mb'), 0)} MB, Redis peak "
+                     f"{_f(mem.get('redis_used_memory_peak_mb'), 0)} MB (shared services, all tenants).")
+    return lines
+
+
+def _ingest(r: dict[str, Any]) -> list[str]:
+    lines = ["| case | req/s | events/s | p50 ms | p99 ms | non-2xx |", "|---|---|---|---|---|---|"]
+    for case in ("hello_world", "single", "batch_100"):
+        if case in r:
+            c = r[case]
+            per = 100 if case == "batch_100" else 1
+            lines.append(f"| {case} | {_f(c['rps'], 0)} | {_f(c['rps'] * per, 0)} | {_f(c['p50_ms'], 2)} | "
+                         f"{_f(c['p99_ms'], 2)} | {c['non2xx']} |")
+    return lines
+
+
+def _generic(r: dict[str, Any]) -> list[str]:
+    from bench.plots import numeric_leaves
+
+    leaves = numeric_leaves(r)[:25]
+    if not leaves:
+        return ["(no numeric figures found; see the JSON)"]
+    return ["| figure | value |", "|---|---|", *[f"| {k} | {_f(v)} |" for k, v in leaves]]
+
+
+SECTIONS = {"quality": _quality, "offline": _offline, "latency": _latency, "ingest": _ingest}
+
+
+def write_summary(statuses: dict[str, tuple[str, float]] | None = None) -> Path:
+    """bench/results/README.md from every results/*.json (and this run's statuses)."""
+    names = [n for n in ORDER if (RESULTS / f"{n}.json").exists()]
+    names += sorted(p.stem for p in RESULTS.glob("*.json") if p.stem not in names)
+    lines = ["# Benchmark results", "",
+             "Generated by `python -m bench` (`make bench`) from the JSON files in this folder; do not edit by hand.",
+             "Each figure was measured on the machine, date and commit its row names. Absolute times on these",
+             "shared 2-core machines drift: HTTP figures are compared with a FastAPI hello-world measured in the",
+             "same run.", "", "| result | what | date (UTC) | commit | machine | plot |", "|---|---|---|---|---|---|"]
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        r = json.loads((RESULTS / f"{name}.json").read_text())
+        results[name] = r
+        m = r.get("machine", {})
+        plot = f"[{name}.png]({name}.png)" if (RESULTS / f"{name}.png").exists() else "-"
+        lines.append(f"| [{name}]({name}.json) | {WHAT.get(name, '')} | {m.get('date', '?')} | {m.get('commit', '?')} "
+                     f"| {m.get('cpus', '?')} CPUs, {m.get('platform', '?')}, Python {m.get('python', '?')} | {plot} |")
+    missing = [n for n in ORDER if n not in results]
+    if missing:
+        lines += ["", f"No result yet: {', '.join(missing)}."]
+    if statuses:
+        lines += ["", "Last `python -m bench` run:", "",
+                  *[f"- {n}: {status}{f' in {secs:.0f} s' if secs else ''}" for n, (status, secs) in statuses.items()]]
+    for name, r in results.items():
+        lines += ["", f"## {name}", ""]
+        try:
+            lines += SECTIONS.get(name, _generic)(r)
+        except (KeyError, TypeError) as exc:
+            lines += [f"(could not summarise: missing {exc}; see {name}.json)"]
+        if (RESULTS / f"{name}.png").exists():
+            lines += ["", f"![{name}]({name}.png)"]
+    path = RESULTS / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", nargs="?", default="all", choices=[*ORDER, "all", "summary"])
+    args = parser.parse_args(argv)
+    if extra and args.benchmark in ("all", "summary"):
+        parser.error("arguments after -- go to one named benchmark")
+    names = ORDER if args.benchmark == "all" else [] if args.benchmark == "summary" else [args.benchmark]
+    statuses: dict[str, tuple[str, float]] = {}
+    started = time.perf_counter()
+    with tqdm(total=len(names), desc="benchmarks", unit="bench", position=0, leave=True) as bar:
+        for name in names:
+            bar.set_postfix_str(name)
+            tqdm.write(f"== {name}: {WHAT.get(name, '')}")
+            statuses[name] = run_one(name, extra)
+            tqdm.write(f"== {name}: {statuses[name][0]} ({statuses[name][1]:.0f} s)")
+            bar.update(1)
+    from bench.plots import plot
+
+    for name in ORDER:
+        try:
+            plot(name)
+        except Exception as exc:  # noqa: BLE001 (a plot must not lose the numbers)
+            print(f"plot {name} failed: {exc!r}", file=sys.stderr)
+    path = write_summary(statuses if args.benchmark == "all" else None)
+    print(f"summary: {path}")
+    if names:
+        print(f"total {time.perf_counter() - started:.0f} s: " + ", ".join(f"{n} {s}" for n, (s, _) in statuses.items()))
+    return 0 if all(s == "ok" or s.startswith("missing") for s, _ in statuses.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
