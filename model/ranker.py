@@ -286,7 +286,12 @@ def train_and_save(settings: Settings, model: Any, events: Sequence[InteractionE
     except ValueError as exc:
         log.warning("ranker_not_trained reason=%s", exc)
         return None
+    if metrics["holdout_ndcg10_heavy"] < metrics["holdout_ndcg10_light"]:
+        # Ship only a ranker that beats the light order on held-out requests; else the light order stands.
+        log.warning("ranker_rejected metrics=%s", metrics)
+        return {**metrics, "shipped": 0.0}
     ranker.save(folder)
+    metrics["shipped"] = 1.0
     log.info("ranker_trained folder=%s metrics=%s", folder, metrics)
     return metrics
 

@@ -132,7 +132,8 @@ class PolicyEngine:
         if f.status and (item.get("status") or "active") != "active":
             return "status"
         regions = item.get("regions")
-        if f.region and regions and ctx.region and ctx.region not in regions:
+        # A region-restricted item needs a known region in its list (unknown region: not shown).
+        if f.region and regions and ctx.region not in regions:
             return "region"
         if m.enabled:
             limit = m.max_rating_by_age.get(ctx.age_bucket or "", None) if ctx.age_bucket else m.unknown_age_max

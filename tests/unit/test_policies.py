@@ -125,3 +125,12 @@ def test_a_failing_rule_is_skipped_and_the_list_still_goes_out(caplog: pytest.Lo
     e._freshness = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
     page = e.rerank(ranked(5), items, UserContext(user_id="u", limit=3, age_bucket="25-34", now=NOW))
     assert len(page) == 3 and "policy_rule_failed" in caplog.text
+
+
+def test_region_restricted_items_need_a_known_region() -> None:
+    items = catalog(2)
+    items["i0"]["regions"] = ["ca"]
+    unknown = UserContext(user_id="u", limit=5, age_bucket="25-34", now=NOW)
+    canadian = UserContext(user_id="u", limit=5, age_bucket="25-34", region="ca", now=NOW)
+    assert [c.item_id for c in engine().rerank(ranked(2), items, unknown)] == ["i1"]
+    assert [c.item_id for c in engine().rerank(ranked(2), items, canadian)] == ["i0", "i1"]
