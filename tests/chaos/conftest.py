@@ -91,9 +91,13 @@ class ReliabilityReport:
         if not self.scenarios:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        body = {"generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "command": "pytest tests/chaos (part of make test)",
-                "scenarios": {name: s.as_dict() for name, s in sorted(self.scenarios.items())}}
+        # Scenarios not run this time (a -k selection) keep their last figures.
+        scenarios = json.loads(path.read_text()).get("scenarios", {}) if path.exists() else {}
+        for name, scenario in self.scenarios.items():
+            scenarios[name] = {**scenario.as_dict(),
+                               "measured_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        body = {"command": "pytest tests/chaos (part of make test)",
+                "scenarios": dict(sorted(scenarios.items()))}
         path.write_text(json.dumps(body, indent=2) + "\n")
 
 
