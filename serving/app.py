@@ -26,6 +26,7 @@ from serving.publisher import EventPublisher
 from serving.routes import catalog, features, health, interactions, recommendations
 from serving.routes import models as model_routes
 from serving.security import ApiKeyAuthenticator, protected
+from serving.shedding import LoadShedder
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(recommendations.router, **protected(ApiScope.recs_read))
     app.include_router(model_routes.router, **protected(ApiScope.admin))
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
+    # Overload: refuse low-priority surfaces first, before any auth or body parsing.
+    app.add_middleware(LoadShedder, max_in_flight=settings.security.shed_max_in_flight,
+                       shares=settings.security.shed_shares)
     # Outermost: request ids, latency and status metrics also cover the 413s above.
     app.add_middleware(RequestContext, max_request_id_length=settings.observability.max_request_id_length)
     return app

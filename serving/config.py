@@ -56,7 +56,8 @@ DEV_API_KEY_PEPPER = "insecure-development-pepper"
 
 
 class SecuritySettings(BaseModel):
-    """API keys, scopes and per-key rate limits (serving/security.py, infra/apikeys.py)."""
+    """Admission control: API keys, scopes, per-key rate limits (serving/security.py,
+    infra/apikeys.py) and load shedding under overload (serving/shedding.py)."""
 
     # Off only for local experiments: every route then answers without a key.
     auth_enabled: bool = True
@@ -73,6 +74,15 @@ class SecuritySettings(BaseModel):
     # Token bucket for keys created without --rate/--burst.
     default_rate_per_s: float = 50.0
     default_burst: int = 100
+    # Load shedding: requests being handled at once in this process before the
+    # lowest-priority requests are refused (503 + Retry-After). 0 turns it off.
+    shed_max_in_flight: int = 64
+    # Share of shed_max_in_flight each class may use: a class is refused once the
+    # process holds more requests than its share, so low-priority surfaces go first
+    # and the homepage keeps the whole capacity. Health and /metrics are never shed.
+    shed_shares: dict[str, float] = Field(default_factory=lambda: {
+        "homepage": 1.0, "ingest": 0.9, "other": 0.9, "up_next": 0.5, "related": 0.25,
+    })
 
 
 class ObservabilitySettings(BaseModel):
