@@ -11,7 +11,6 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -150,8 +149,20 @@ def redis_client(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis.url, socket_timeout=5.0, socket_connect_timeout=5.0)
 
 
-def flush_deadline(settings: Settings) -> datetime:
-    return datetime.now(UTC) + timedelta(seconds=settings.features.flush_interval_s)
+class WriteLoad:
+    """How long this process's feature writes take lately (moving average, seconds).
+
+    Stateful steps flush their keys every ``flush_interval_s``; when a flush's
+    write takes longer than half of that, the interval stretches to twice the
+    write time, so writing never starves event processing under a backlog (and
+    batches grow, which makes each row cheaper).
+    """
+
+    seconds: float = 0.0
+
+    @classmethod
+    def record(cls, seconds: float) -> None:
+        cls.seconds = 0.7 * cls.seconds + 0.3 * seconds
 
 
 def dumps(doc: dict[str, Any]) -> bytes:

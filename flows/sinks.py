@@ -10,13 +10,14 @@ Every write is an overwrite keyed by entity, so replaying a batch is harmless.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from flows._common import redis_client
+from flows._common import WriteLoad, redis_client
 from schemas.catalog import UserProfile
 from serving.config import Settings
 
@@ -74,10 +75,15 @@ class _FeaturePartition(StatelessSinkPartition[Any]):
         self.settings = settings
         self.keys = settings.keys
         self.client = redis_client(settings)
-        self.feast = OnlineWriter(settings)
+        self.feast = OnlineWriter(settings, self.client)
         self.writes = 0
 
     def write_batch(self, items: list[Any]) -> None:
+        started = time.perf_counter()
+        self._write(items)
+        WriteLoad.record(time.perf_counter() - started)
+
+    def _write(self, items: list[Any]) -> None:
         # The newest document per entity wins: a batch may hold several flushes of one key.
         users: dict[str, dict[str, Any]] = {}
         items_: dict[str, dict[str, Any]] = {}
@@ -124,8 +130,7 @@ class _FeaturePartition(StatelessSinkPartition[Any]):
         for user_id, profile in profiles.items():
             rows.setdefault("user_profile", []).append((user_id, profile_row(profile),
                                                         profile.updated_at.astimezone(UTC)))
-        for view, view_rows in rows.items():
-            self.feast.write(view, view_rows)
+        self.feast.write_many(rows)
 
     def close(self) -> None:
         self.client.close()
