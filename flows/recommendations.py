@@ -19,6 +19,7 @@ Exposure counts are idempotent per request_id (replays do not count twice).
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,6 +41,8 @@ from schemas.events import ImpressionRecord, InteractionEvent
 from schemas.topics import Topics
 from serving.config import Settings, load_settings
 from serving.pipeline.types import UserContext
+
+log = logging.getLogger(__name__)
 
 FLOW_NAME = "recommendations"
 SURFACES = ("homepage", "up_next")
@@ -82,7 +85,15 @@ class _RecomputePartition(StatelessSinkPartition[Any]):
         self.recommender, self._close = self.loop.run_until_complete(build_recommender(settings))
 
     def write_batch(self, items: list[tuple[str, list[InteractionEvent]]]) -> None:
-        self.loop.run_until_complete(asyncio.gather(*(self._recompute(u, ev) for u, ev in items)))
+        self.loop.run_until_complete(self._recompute_all(items))
+
+    async def _recompute_all(self, items: list[tuple[str, list[InteractionEvent]]]) -> None:
+        results = await asyncio.gather(*(self._recompute(u, ev) for u, ev in items), return_exceptions=True)
+        for (user_id, _), result in zip(items, results, strict=True):
+            if isinstance(result, Exception):
+                # Best-effort: the API computes the list live on a cache miss, so one
+                # failed recompute (a slow Milvus, say) must not stop the flow.
+                log.warning("recompute_failed user_id=%s error=%r", user_id, result)
 
     async def _recompute(self, user_id: str, events: list[InteractionEvent]) -> None:
         base = await self.recommender.features.user_context(user_id)

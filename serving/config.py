@@ -123,7 +123,7 @@ class FeatureSettings(BaseModel):
     lateness_s: float = 3600.0
     # How many recent interactions, consumed and skipped items each user keeps.
     recent_size: int = 50
-    consumed_size: int = 500
+    consumed_size: int = 1000  # up_next and the filters must never re-offer these: keep a long history
     skipped_size: int = 200
     # Event ids remembered per user to drop at-least-once duplicates.
     dedup_ids: int = 1000

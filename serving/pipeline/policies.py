@@ -165,7 +165,7 @@ class PolicyEngine:
             ("freshness", lambda c: self._freshness(c, items, ctx)),
             ("diversity", lambda c: self._diversity(c, items, ctx.limit)),
             ("exploration", lambda c: self._exploration(c, items, ctx.limit)),
-            ("placements", lambda c: self._placements(c, items, ctx)),
+            ("placements", lambda c: self.place(c, items, ctx)),
         ]
         for name, step in steps:
             try:
@@ -245,8 +245,12 @@ class PolicyEngine:
         rest = [c for c in candidates[limit:] if c.item_id not in chosen_ids]
         return page + displaced + rest
 
-    def _placements(self, candidates: list[Candidate], items: Mapping[str, Mapping[str, Any]], ctx: UserContext) -> list[Candidate]:
-        """Pinned and sponsored items at fixed positions, if they pass the hard filters."""
+    @property
+    def placement_ids(self) -> list[str]:
+        return [p.item_id for p in (*self.config.pinned, *self.config.sponsored)]
+
+    def place(self, candidates: list[Candidate], items: Mapping[str, Mapping[str, Any]], ctx: UserContext) -> list[Candidate]:
+        """Pinned and sponsored items at fixed positions, if they pass the hard filters (every path)."""
         placements = [p for p in (*self.config.pinned, *self.config.sponsored) if ctx.surface in p.surfaces]
         if not placements:
             return candidates

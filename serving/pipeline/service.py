@@ -47,6 +47,7 @@ class FeatureReader(Protocol):
 
 class CandidateGenerator(Protocol):
     async def generate(self, ctx: UserContext) -> list[Candidate]: ...
+    def generate_sync(self, ctx: UserContext) -> list[Candidate]: ...
 
 
 class HeavyRanker(Protocol):
@@ -118,13 +119,23 @@ class Recommender:
         self._log_impressions(request, response)
         return response
 
-    async def compute(self, ctx: UserContext) -> tuple[list[Candidate], dict[str, dict[str, Any]]]:
-        """The live pipeline for one context (shared with the precompute flow)."""
-        candidates = await self._stage("candidates", self.candidates.generate(ctx), self.cfg.candidates_budget_ms)
+    async def compute(self, ctx: UserContext, background: bool = False) -> tuple[list[Candidate], dict[str, dict[str, Any]]]:
+        """The live pipeline for one context (shared with the precompute flow).
+
+        ``background`` (precompute flow, revalidation: nobody waits) runs every candidate
+        source to completion and gives each stage the refresh budget instead of the request's.
+        """
+        if background:
+            budget = self.cfg.refresh_budget_ms
+            generate = asyncio.to_thread(self.candidates.generate_sync, ctx)
+        else:
+            budget = self.cfg.candidates_budget_ms
+            generate = self.candidates.generate(ctx)
+        candidates = await self._stage("candidates", generate, budget)
         t0 = time.perf_counter()
         ids = [c.item_id for c in candidates]
-        placements = [p.item_id for p in (*self.policy.config.pinned, *self.policy.config.sponsored)]
-        items = await self._stage("item_features", self.features.item_features(ids + placements), self.cfg.features_budget_ms)
+        items = await self._stage("item_features", self.features.item_features(ids + self.policy.placement_ids),
+                                  budget if background else self.cfg.features_budget_ms)
         t1 = time.perf_counter()
         shortlist = light_rank(candidates, ctx, items, self.cfg.source_weights, keep=self.cfg.light_keep)
         self._observe("light_rank", time.perf_counter() - t1)
@@ -146,7 +157,7 @@ class Recommender:
 
     async def refresh_cache(self, ctx: UserContext) -> list[Candidate]:
         """Compute and store the list for (user, surface); used by the flow and by revalidation."""
-        page, _ = await self.compute(ctx)
+        page, _ = await self.compute(ctx, background=True)
         await self._write_cache(ctx, page)
         return page
 
@@ -202,12 +213,13 @@ class Recommender:
             self._count("cache", "miss")
             return [], "cache"
         ids = [i[0] for i in entry["items"]]
-        items = await self.features.item_features(ids)
+        items = await self.features.item_features(ids + self.policy.placement_ids)
         ctx = UserContext(user_id=request.user_id, surface=request.surface.value, limit=request.limit,
                           region=entry.get("region"), age_bucket=entry.get("age_bucket"),
                           current_item_id=entry.get("current_item_id"))
         page = [Candidate(item_id=i, score=s, reasons=list(r)) for i, s, r in entry["items"]
                 if self.policy.allowed(i, items.get(i), ctx) is None]
+        page = self.policy.place(page, items, ctx)
         self._observe("cache", time.perf_counter() - t0)
         if len(page) < min(request.limit, len(ids)) or len(page) < request.limit:
             # Something in the list went away (deleted, blocked): recompute in the background.
@@ -222,19 +234,20 @@ class Recommender:
         key = self.keys.trending(region)
         ids = [m.decode() if isinstance(m, bytes) else m
                for m in await self.redis.zrevrange(key, 0, self.cfg.fallback_depth - 1)]
-        items = await self.features.item_features(ids)
+        items = await self.features.item_features(ids + self.policy.placement_ids)
         self._snapshot[key], self._snapshot_items = ids, {**self._snapshot_items, **items}
         n = len(ids)
         page = [Candidate(item_id=i, sources={name: 1 - k / max(n, 1)}, score=1 - k / max(n, 1), reasons=[f"source:{name}"])
                 for k, i in enumerate(ids) if self.policy.allowed(i, items.get(i), ctx) is None]
-        return page[: ctx.limit]
+        return self.policy.place(page[: ctx.limit], items, ctx)[: ctx.limit]
 
     def _from_snapshot(self, request: RecommendationRequest, ctx: UserContext | None) -> list[Candidate]:
         ctx = ctx or UserContext(user_id=request.user_id, surface=request.surface.value, limit=request.limit,
                                  region=request.context.region)
         ids = self._snapshot.get(self.keys.trending(ctx.region)) or self._snapshot.get(self.keys.trending(None)) or []
-        return [Candidate(item_id=i, score=0.0, reasons=["source:snapshot"]) for i in ids
+        page = [Candidate(item_id=i, score=0.0, reasons=["source:snapshot"]) for i in ids
                 if self.policy.allowed(i, self._snapshot_items.get(i), ctx) is None][: request.limit]
+        return self.policy.place(page, self._snapshot_items, ctx)[: request.limit]
 
     async def warm_snapshot(self) -> None:
         """Load the global trending list into the in-process snapshot (start-up and periodically)."""
