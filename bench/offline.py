@@ -20,6 +20,7 @@ vector built from the user's train history and profile (exact search, no ANN).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import defaultdict
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args.seed)
     print_table(result)
+    result["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     save("offline", result)
     return 0
 

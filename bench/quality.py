@@ -500,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(run(args.chunk, args.stride, args.warmup, args.refit_every, not args.baselines_only,
                              args.retrain_every, args.keep))
     print_table(result)
+    result["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     save("quality", result)
     if "system" in result["arms"] and "most-popular" in result["arms"]:
         ratio = result["arms"]["system"]["all"]["ndcg@10"] / max(result["arms"]["most-popular"]["all"]["ndcg@10"], 1e-9)
