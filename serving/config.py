@@ -93,6 +93,10 @@ class ObservabilitySettings(BaseModel):
     log_level: str = "INFO"
     # A client's X-Request-ID is kept only if it is this short and plain; else a new one is made.
     max_request_id_length: int = 128
+    # Live quality figures (serving/quality.py): sliding window, and the port its
+    # process serves /metrics on (the API's own /metrics is on the API port).
+    quality_window_s: float = 900.0
+    quality_metrics_port: int = 9101
 
 
 class StackSettings(BaseModel):
