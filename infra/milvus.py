@@ -129,6 +129,7 @@ class SearchFilter:
     """Scalar restrictions of one ANN search; every backend translates the same object."""
 
     category: str | None = None
+    categories: tuple[str, ...] = ()  # any of these (one search for several categories)
     region: str | None = None
     fresh_since: int | None = None  # epoch seconds: published since then, or cold
     exclude: frozenset[str] = frozenset()
@@ -137,6 +138,8 @@ class SearchFilter:
         parts = []
         if self.category is not None:
             parts.append(f"category == {_quote(self.category)}")
+        if self.categories:
+            parts.append(f"category in [{', '.join(_quote(c) for c in self.categories)}]")
         if self.region is not None:
             parts.append(f"(array_length(regions) == 0 or array_contains(regions, {_quote(self.region)}))")
         if self.fresh_since is not None:
@@ -176,15 +179,24 @@ class MilvusItemIndex:
 
     def search(self, vector: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[tuple[str, float]]:
         """Top-k (item_id, inner product) for one query vector."""
+        return self.search_many([vector], k, flt)[0]
+
+    def search_many(self, vectors: Sequence[np.ndarray], k: int,
+                    flt: SearchFilter | None = None) -> list[list[tuple[str, float]]]:
+        """Top-k for several query vectors in one round trip."""
         flt = flt or SearchFilter()
-        ef = max(self.settings.retrieval.ef_search, k)
-        hits = self.client().search(
-            self.target, data=[np.asarray(vector, dtype=np.float32).tolist()], limit=k + len(flt.exclude),
-            filter=flt.expression(), search_params={"metric_type": "IP", "params": {"ef": ef}},
+        limit = k + len(flt.exclude)
+        results = self.client().search(
+            self.target, data=[np.asarray(v, dtype=np.float32).tolist() for v in vectors], limit=limit,
+            filter=flt.expression(),
+            search_params={"metric_type": "IP", "params": {"ef": max(self.settings.retrieval.ef_search, limit)}},
             anns_field=VECTOR, timeout=self.settings.milvus.timeout_s,
-        )[0]
-        out = [(str(h.get(PK, h.get("id"))), float(h["distance"])) for h in hits]
-        return [(i, s) for i, s in out if i not in flt.exclude][:k]
+        )
+        out = []
+        for hits in results:
+            pairs = [(str(h.get(PK, h.get("id"))), float(h["distance"])) for h in hits]
+            out.append([(i, s) for i, s in pairs if i not in flt.exclude][:k])
+        return out
 
     def vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
         if not item_ids:

@@ -24,6 +24,9 @@ class ItemIndex(Protocol):
 
     def search(self, vector: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[tuple[str, float]]: ...
 
+    def search_many(self, vectors: Sequence[np.ndarray], k: int,
+                    flt: SearchFilter | None = None) -> list[list[tuple[str, float]]]: ...
+
     def vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
 
 
@@ -53,6 +56,9 @@ class MemoryItemIndex:
         mask = None
         if flt.category is not None:
             mask = self.category == flt.category
+        if flt.categories:
+            wanted = np.isin(self.category, list(flt.categories))
+            mask = wanted if mask is None else mask & wanted
         if flt.region is not None:
             region = np.array([not r or flt.region in r for r in self.regions], dtype=bool)
             mask = region if mask is None else mask & region
@@ -76,6 +82,10 @@ class MemoryItemIndex:
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
         return [(self.ids[j], float(scores[j])) for j in top if np.isfinite(scores[j])]
+
+    def search_many(self, vectors: Sequence[np.ndarray], k: int,
+                    flt: SearchFilter | None = None) -> list[list[tuple[str, float]]]:
+        return [self.search(v, k, flt) for v in vectors]
 
     def vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
         return {i: self.matrix[self.position[i]] for i in item_ids if i in self.position}

@@ -104,8 +104,10 @@ class CandidateGenerator:
             return []
         per_seed = max(1, k // len(vectors))
         merged: dict[str, float] = {}
-        for vector in vectors.values():
-            for item_id, score in self._search(request, vector, per_seed, SearchFilter(region=request.region)):
+        # One round trip for all seeds.
+        for hits in self.index.search_many(list(vectors.values()), self._overfetch(request, per_seed),
+                                           SearchFilter(region=request.region)):
+            for item_id, score in [(i, s) for i, s in hits if i not in request.exclude][:per_seed]:
                 merged[item_id] = max(score, merged.get(item_id, float("-inf")))
         return sorted(merged.items(), key=lambda kv: -kv[1])[:k]
 
@@ -127,13 +129,9 @@ class CandidateGenerator:
             affinity = {c: 1.0 for c in ctx.preferred_categories[: self.config.content_categories]}
         if not affinity or request.user_vector is None:
             return []
-        total = sum(max(a, 0.0) for a in affinity.values()) or 1.0
-        out: SourceResult = []
-        for category, weight in affinity.items():
-            share = max(1, round(k * max(weight, 0.0) / total))
-            hits = self._search(request, request.user_vector, share, SearchFilter(category=category, region=request.region))
-            out += [(i, s * weight / total) for i, s in hits]
-        return sorted(out, key=lambda kv: -kv[1])[:k]
+        # One filtered search over the top categories (one round trip), ranked by the user vector.
+        return self._search(request, request.user_vector, k,
+                            SearchFilter(categories=tuple(affinity), region=request.region))
 
     def trending_region(self, request: Request, k: int) -> SourceResult:
         if not request.ctx.region:
@@ -183,7 +181,9 @@ class CandidateGenerator:
                        max_candidates: int | None = None) -> list[Candidate]:
         """All sources concurrently in threads, each under its timeout, the whole under the total budget."""
         loop = asyncio.get_running_loop()
-        request = await loop.run_in_executor(self.executor, self.prepare, ctx)
+        # Inline, not in the pool: the user tower takes well under a millisecond, and a pool
+        # still busy with earlier timed-out searches must not delay the start of this request.
+        request = self.prepare(ctx)
         wanted = self._quotas(quotas)
         futures = {
             name: asyncio.wait_for(loop.run_in_executor(self.executor, self._run_one, name, request, k),

@@ -68,6 +68,8 @@ def test_memory_index_filters_like_milvus() -> None:
     assert [i for i, _ in index.search(query, 10)] == ["a", "b", "c", "d"]  # deleted item never indexed
     assert [i for i, _ in index.search(query, 10, SearchFilter(category="Comedy"))] == ["c", "d"]
     assert [i for i, _ in index.search(query, 10, SearchFilter(region="us"))] == ["a", "c", "d"]
+    assert [i for i, _ in index.search(query, 10, SearchFilter(categories=("Drama", "Horror")))] == ["a", "b"]
+    assert SearchFilter(categories=("A", "B")).expression() == 'category in ["A", "B"]'
     fresh = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
     assert [i for i, _ in index.search(query, 10, SearchFilter(fresh_since=fresh))] == ["b", "d"]  # d is cold
     assert SearchFilter(category='x"y', region="fr", fresh_since=5).expression() == (
