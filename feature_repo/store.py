@@ -109,8 +109,12 @@ def _serializer(dtype: Any) -> Any:
         make = lambda v: ValueProto(int64_val=int(v))  # noqa: E731
     elif dtype == Float64:
         make = lambda v: ValueProto(double_val=float(v))  # noqa: E731
+    elif dtype == Array(String):
+        make = lambda v: ValueProto(string_list_val=StringList(val=[str(x) for x in v]))  # noqa: E731
+    elif dtype == Array(Float64):
+        make = lambda v: ValueProto(double_list_val=DoubleList(val=[float(x) for x in v]))  # noqa: E731
     else:
-        return lambda v: _NULL if v is None else _value(dtype, v).SerializeToString()
+        raise TypeError(f"no proto mapping for {dtype}")
     return lambda v: _NULL if v is None else make(v).SerializeToString()
 
 
@@ -144,10 +148,18 @@ class OnlineWriter:
             self._ts_field[view.name] = f"_ts:{name}"
         join_keys = {entity.name: entity.join_key for entity in defs.ENTITIES}
         self._join_key = {view.name: join_keys[view.entities[0]] for view in defs.FEATURE_VIEWS}
+        self._keys: dict[tuple[str, str], bytes] = {}
 
     def entity_key(self, view_name: str, entity_id: str) -> bytes:
-        key = EntityKeyProto(join_keys=[self._join_key[view_name]], entity_values=[ValueProto(string_val=entity_id)])
-        return self._redis_key(self.project, key, entity_key_serialization_version=3)  # type: ignore[no-any-return]
+        join_key = self._join_key[view_name]
+        cached = self._keys.get((join_key, entity_id))
+        if cached is None:
+            proto = EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(string_val=entity_id)])
+            cached = self._redis_key(self.project, proto, entity_key_serialization_version=3)
+            if len(self._keys) > 200_000:  # bounded: hot entities stay cached
+                self._keys.clear()
+            self._keys[(join_key, entity_id)] = cached
+        return cached  # type: ignore[no-any-return]
 
     def write_many(self, batches: dict[str, list[tuple[str, dict[str, Any], datetime]]]) -> None:
         """view name -> rows of (entity id, {feature: python value}, event timestamp), one round trip."""

@@ -43,6 +43,8 @@ API = "api"
 # catalog flow has none on purpose: it replays its compacted topic on every start.
 FLOWS: dict[str, tuple[str, bool]] = {
     "features": ("flows.features:build_flow()", True),
+    "covisit": ("flows.covisit:build_flow()", True),
+    "archive": ("flows.archive:build_flow()", True),
     "catalog": ("flows.catalog:build_flow()", False),
     "recommendations": ("flows.recommendations:build_flow()", True),
 }
