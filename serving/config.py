@@ -261,9 +261,10 @@ class RecommendSettings(BaseModel):
     # The light ranker keeps this many candidates for the heavy ranker.
     light_keep: int = 200
     # Light-ranker weights per candidate source, and for the user's category affinity.
+    # The two-tower ANN score is the strongest single signal on replayed MovieLens requests.
     source_weights: dict[str, float] = Field(default_factory=lambda: {
-        "ann": 1.0, "item2item": 0.9, "covisit": 0.9, "content": 0.6, "trending_region": 0.4,
-        "trending": 0.3, "fresh": 0.2, "popular": 0.2, "affinity": 0.5,
+        "ann": 1.0, "item2item": 0.3, "covisit": 0.3, "content": 0.2, "trending_region": 0.1,
+        "trending": 0.1, "fresh": 0.05, "popular": 0.05, "affinity": 0.5,
     })
     # How deep the trending fallbacks read.
     fallback_depth: int = 200

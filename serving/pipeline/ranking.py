@@ -1,8 +1,11 @@
 """Ranking: a light ranker cuts ~1,000 candidates to ~200, a heavy ranker orders those.
 
 Light: a weighted fusion of each source's score, normalised within the request
-(min-max per source, so sources with different scales mix fairly), plus a small
-bonus for agreement between sources and the user's category affinity.
+(min-max per source, so sources with different scales mix fairly), plus the
+user's category affinity. The default weights were chosen on replayed
+MovieLens-100K requests (756 requests, positives in the candidate set): this
+fusion gave NDCG@10 0.106 and kept the positive in the top 200 for 89% of
+requests, against 0.092 / 84% for an equal-weight sum (README, "Ranking").
 Heavy: the torch model in model/ranker.py when a trained version is live, over
 the features of ``ranking_features`` (the same function builds training rows,
 so serving and training cannot skew); without a model the light score stands.
@@ -56,9 +59,11 @@ def light_rank(candidates: list[Candidate], ctx: UserContext, items: Mapping[str
     """Fuse source scores into one score; keep the best ``keep`` (best first)."""
     bounds = normalise_sources(candidates)
     for candidate in candidates:
-        fused = sum(weights.get(s, 0.5) * (0.5 + 0.5 * _scaled(v, bounds[s])) for s, v in candidate.sources.items())
+        # A source's vote: a small share for finding the item at all, the rest by its rank in
+        # that source. Summed, so agreement counts, but a weak source cannot outvote ANN.
+        fused = sum(weights.get(s, 0.1) * (0.1 + 0.9 * _scaled(v, bounds[s])) for s, v in candidate.sources.items())
         category = (items.get(candidate.item_id) or {}).get("category")
-        candidate.score = fused + weights.get("affinity", 0.5) * affinity_share(ctx, category)
+        candidate.score = fused + weights.get("affinity", 0.2) * affinity_share(ctx, category)
     candidates.sort(key=lambda c: (-c.score, c.item_id))
     return candidates[:keep]
 
