@@ -1,0 +1,142 @@
+"""The features, co-visitation and archive state logic, driven directly (no broker, no Redis)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import pytest
+
+from flows.covisit import Neighbours, top_neighbours
+from flows.features import DedupLogic, ItemLogic, UserLogic, item_document, session, user_document
+from schemas.catalog import ItemRecord, UserProfile
+from schemas.events import InteractionEvent
+from serving.config import FeatureSettings
+from serving.features import context_from_documents, trending_popularity
+
+CFG = FeatureSettings()
+T0 = 1_714_564_800
+
+
+def event(i: int, user: str = "u1", item: str = "m1", kind: str = "view", at: float | None = None,
+          value: float | None = None) -> InteractionEvent:
+    return InteractionEvent(event_id=f"e{i}", user_id=user, item_id=item, interaction_type=kind,
+                            interaction_value=value, timestamp=T0 + (i * 60 if at is None else at))
+
+
+def replay_user(events: list[tuple[InteractionEvent, str | None]]) -> dict:
+    logic = UserLogic(CFG, None)
+    for pair in events:
+        logic.on_batch([pair])
+    return user_document(logic.state, CFG)
+
+
+def replay_item(events: list[InteractionEvent], category: str = "Drama") -> dict:
+    logic = ItemLogic(CFG, None)
+    logic.on_batch([("meta", ItemRecord(item_id="m1", category=category, updated_at="2024-01-01T00:00:00Z"))])
+    for e in events:
+        logic.on_batch([("event", (e, "ca"))])
+    return item_document(logic.state, CFG)
+
+
+def test_user_features_do_not_depend_on_arrival_order() -> None:
+    kinds = ["view", "click", "like", "watch", "skip"]
+    events = [(event(i, item=f"m{i % 17}", kind=kinds[i % 5], value=30.0 if i % 5 == 3 else None),
+               f"cat{i % 4}") for i in range(300)]
+    shuffled = events[:]
+    random.Random(3).shuffle(shuffled)
+    a, b = replay_user(events), replay_user(shuffled)
+    for name in ("recent", "consumed", "skipped", "total_events", "session_events", "session_start", "updated_at"):
+        assert a[name] == b[name], name
+    assert list(a["category_affinity"]) == list(b["category_affinity"])
+    for cat, score in a["category_affinity"].items():
+        assert b["category_affinity"][cat] == pytest.approx(score, rel=1e-12)
+
+
+def test_likes_outweigh_views_in_affinity_and_old_taste_decays() -> None:
+    events = [(event(0, item="c1", at=0), "Comedy"), (event(1, item="c2", at=60), "Comedy"),
+              (event(2, item="c3", at=120), "Comedy")]
+    events += [(event(3 + i, item=f"d{i}", kind="like", at=180 + i), "Drama") for i in range(3)]
+    doc = replay_user(events)
+    assert list(doc["category_affinity"])[0] == "Drama"
+    # Three weeks later, one view of Horror outranks the old (72 h half-life) likes.
+    doc = replay_user(events + [(event(9, item="h1", at=21 * 86400), "Horror")])
+    assert list(doc["category_affinity"])[0] == "Horror"
+    assert list(doc["long_term_affinity"])[0] == "Drama"  # the 90-day view still remembers
+
+
+def test_recent_is_newest_first_and_capped() -> None:
+    doc = replay_user([(event(i, item=f"m{i}"), None) for i in range(80)])
+    assert len(doc["recent"]) == CFG.recent_size
+    assert doc["recent"][0]["item_id"] == "m79" and doc["recent"][-1]["item_id"] == "m30"
+
+
+def test_session_is_the_newest_run_without_long_gaps() -> None:
+    assert session([], 1800) == (0, 0.0)
+    assert session([0, 100, 5000, 5100, 5200], 1800) == (3, 5000)
+    assert session([0, 100, 200], 1800) == (3, 0)
+
+
+def test_item_windows_totals_and_ctr_prior() -> None:
+    events = [event(i, kind="click", at=i * 600) for i in range(10)]  # one click per 10 min for 100 min
+    events += [event(100 + i, kind="impression", at=6000) for i in range(20)]
+    events += [event(200, kind="watch", at=6000, value=90.0)]
+    events += [event(300, kind="click", at=6000 - 10 * 86400)]  # ten days before: totals only
+    doc = replay_item(events)
+    assert doc["clicks"] == 11 and doc["impressions"] == 20 and doc["watch_seconds"] == 90.0
+    assert doc["windows"]["1h"]["clicks"] == 5  # clicks at 3000..5400 s: the last hour as of t=6000 s
+    assert doc["windows"]["24h"]["clicks"] == 10 and doc["windows"]["7d"]["clicks"] == 10
+    assert doc["windows"]["1h"]["watch_seconds"] == 90.0
+    assert doc["ctr"] == pytest.approx((11 + 1) / (20 + 20))
+    assert doc["category"] == "Drama"
+
+
+def test_item_stats_do_not_depend_on_arrival_order() -> None:
+    events = [event(i, kind=["view", "click", "like"][i % 3], at=(i * 7919) % 20000) for i in range(200)]
+    shuffled = events[:]
+    random.Random(5).shuffle(shuffled)
+    a, b = replay_item(events), replay_item(shuffled)
+    assert a["windows"] == b["windows"] and a["updated_at"] == b["updated_at"]
+    assert a["trending_score"] == pytest.approx(b["trending_score"], rel=1e-12)
+
+
+def test_trending_score_ranks_recent_popularity() -> None:
+    old = replay_item([event(i, at=0) for i in range(10)])
+    new = replay_item([event(i, at=2 * 86400) for i in range(3)])
+    assert new["trending_score"] > old["trending_score"]  # 3 views two days later beat 10 (24 h half-life)
+    now = T0 + 2 * 86400
+    assert trending_popularity(new["trending_score"], now, CFG.trending_half_life_h) == pytest.approx(3.0)
+    assert trending_popularity(old["trending_score"], now, CFG.trending_half_life_h) == pytest.approx(2.5)
+
+
+def test_dedup_drops_repeated_event_ids_and_fills_region() -> None:
+    logic = DedupLogic(CFG, None)
+    out, _ = logic.on_batch([("profile", UserProfile(user_id="u1", region="ca")), ("event", event(1)),
+                             ("event", event(1)), ("event", event(2))])
+    events = [v for kind, v in out if kind == "event"]
+    assert [e.event_id for e, _ in events] == ["e1", "e2"] and all(region == "ca" for _, region in events)
+    restored = DedupLogic(CFG, logic.snapshot())  # the snapshot is what recovery restores
+    assert list(restored.on_batch([("event", event(2))])[0]) == []
+
+
+def test_snapshots_are_immutable_bytes() -> None:
+    logic = UserLogic(CFG, None)
+    logic.on_batch([(event(1), "Drama")])
+    snap = logic.snapshot()
+    logic.on_batch([(event(2), "Drama")])
+    assert pickle.loads(snap).total_events == 1
+
+
+def test_co_visitation_scores_are_cosine_and_best_first() -> None:
+    state = Neighbours(item_id="a", users=4, weights={"b": [4, 4], "c": [1, 1], "d": [1, 16]})
+    top = top_neighbours(state, 2)
+    assert [n for n, _ in top] == ["b", "c"]
+    assert top[0][1] == pytest.approx(1.0) and top[1][1] == pytest.approx(0.5)
+
+
+def test_context_from_documents() -> None:
+    doc = replay_user([(event(1, item="m1", kind="like"), "Drama"), (event(2, item="m2", kind="skip"), "Comedy")])
+    ctx = context_from_documents("u1", {"region": "ca", "preferences": {"categories": ["Drama"]}}, doc)
+    assert ctx.recent_item_ids == ["m2", "m1"] and ctx.consumed == {"m1"} and ctx.skipped == {"m2"}
+    assert ctx.region == "ca" and ctx.preferred_categories == ["Drama"]
+    assert ctx.category_affinity["Drama"] > 0 > ctx.category_affinity["Comedy"]
