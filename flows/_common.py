@@ -183,10 +183,14 @@ def ensure_recovery_dir(partitions: int) -> None:
             directory = argv[argv.index(flag) + 1]
     if not directory:
         return
-    path = Path(directory)
-    if path.exists() and any(path.glob("part-*.sqlite3")):
-        return
+    import fcntl
+
     from bytewax.recovery import init_db_dir
 
+    path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    init_db_dir(path, partitions)
+    # Processes of one scaled-out flow (-i/-a) start together: one creates, the others wait.
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not any(path.glob("part-*.sqlite3")):
+            init_db_dir(path, partitions)

@@ -194,7 +194,7 @@ def test_debug_endpoints_show_values_and_update_times(settings: Settings, flow: 
 
 
 # -- kill -9 mid-stream + restart == an uninterrupted run ----------------------------------
-N_USERS, N_ITEMS, N_EVENTS = 200, 300, 20_000
+N_USERS, N_ITEMS, N_EVENTS = 200, 300, 10_000
 
 
 def _events() -> list[tuple[str, bytes]]:
@@ -217,12 +217,38 @@ def _flow_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _start(settings: Settings, recovery: Path) -> subprocess.Popen[bytes]:
+def _start(settings: Settings, recovery: Path, *scale: str) -> subprocess.Popen[bytes]:
     log = (recovery.parent / f"{recovery.name}.log").open("ab")
     return subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "bytewax.run", "flows.features:build_flow()", "-r", str(recovery), "-s", "1", "-b", "0"],
-        cwd=ROOT, env=_flow_env(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [sys.executable, "-m", "bytewax.run", "flows.features:build_flow()", "-r", str(recovery), "-s", "1", "-b", "0",
+         *scale], cwd=ROOT, env=_flow_env(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+
+
+class _Group:
+    """Several flow processes (-i/-a) seen as one: alive while all are."""
+
+    def __init__(self, processes: list[subprocess.Popen[bytes]]) -> None:
+        self.processes = processes
+        self.pid = processes[0].pid
+
+    def poll(self) -> int | None:
+        codes = [p.poll() for p in self.processes]
+        return next((c for c in codes if c is not None), None)
+
+    def kill(self, sig: int) -> None:
+        for process in self.processes:
+            os.killpg(process.pid, sig)
+            process.wait(10)
+
+
+def _start_group(settings: Settings, recovery: Path, processes: int) -> _Group:
+    if processes == 1:
+        return _Group([_start(settings, recovery)])
+    from tests.conftest import free_port
+
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
+    return _Group([_start(settings, recovery, "-i", str(i), "-a", addresses) for i in range(processes)])
 
 
 def _snapshot(settings: Settings) -> dict[str, object]:
@@ -241,7 +267,7 @@ def _events_done(settings: Settings) -> int:
     return sum(orjson.loads(raw)["total_events"] for raw in client.mget(keys) if raw)
 
 
-def _wait(condition, timeout_s: float, process: subprocess.Popen[bytes], log: Path) -> None:
+def _wait(condition, timeout_s: float, process: _Group, log: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert process.poll() is None, log.read_text(errors="replace")[-3000:]
@@ -249,10 +275,10 @@ def _wait(condition, timeout_s: float, process: subprocess.Popen[bytes], log: Pa
         time.sleep(0.1)
 
 
-def _run_case(settings: Settings, recovery: Path, kill_at: int | None) -> dict[str, object]:
+def _run_case(settings: Settings, recovery: Path, kill_at: int | None, processes: int = 1) -> dict[str, object]:
     recovery.mkdir()
     log = recovery.parent / f"{recovery.name}.log"
-    process = _start(settings, recovery)
+    process = _start_group(settings, recovery, processes)
     try:
         produce(settings, Topics.CATALOG_ITEMS, [item(f"m{i}", f"cat{i % 9}") for i in range(N_ITEMS)])
         client = redis.Redis.from_url(settings.redis.url)
@@ -261,14 +287,12 @@ def _run_case(settings: Settings, recovery: Path, kill_at: int | None) -> dict[s
         produce(settings, Topics.INTERACTIONS, _events())
         if kill_at is not None:
             _wait(lambda: _events_done(settings) >= kill_at, 90, process, log)
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            process = _start(settings, recovery)
+            process.kill(signal.SIGKILL)
+            process = _start_group(settings, recovery, processes)
         _wait(lambda: _events_done(settings) >= N_EVENTS, 120, process, log)
         time.sleep(2 * settings.features.flush_interval_s + 0.5)  # the last flushes of items
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(10)
+        process.kill(signal.SIGTERM)
     return _snapshot(settings)
 
 
@@ -324,3 +348,22 @@ def test_kill_9_mid_stream_and_restart_gives_identical_features(own_broker: Sett
     feast_a = online(settings, ["user_long_term:total_events", "user_short_term:affinity_scores"], user_id="u5")
     feast_b = online(other, ["user_long_term:total_events", "user_short_term:affinity_scores"], user_id="u5")
     assert _same(feast_a, feast_b) and feast_a["total_events"] == N_EVENTS // N_USERS
+
+
+def _other(settings: Settings, tag: str) -> Settings:
+    from infra.kafka import ensure_topics
+
+    other = settings.model_copy(deep=True)
+    other.kafka.topic_prefix = tag + settings.kafka.topic_prefix
+    other.redis.key_prefix = tag + settings.redis.key_prefix
+    other.__dict__.pop("keys", None)
+    ensure_topics(other)
+    return other
+
+
+def test_two_processes_give_the_same_features_as_one(own_broker: Settings, tmp_path: Path) -> None:
+    """Scale-out (-i/-a over the partitions), killed and restarted as a group, ends where one process does."""
+    one = _run_case(own_broker, tmp_path / "one", kill_at=None)
+    two = _run_case(_other(own_broker, "s"), tmp_path / "two", kill_at=N_EVENTS // 2, processes=2)
+    different = [k for k in one if not _same(one[k], two.get(k))]
+    assert len(one) == N_USERS + N_ITEMS + 3 and not different, different[:3]
