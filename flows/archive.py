@@ -23,7 +23,7 @@ writing it removes any older file of that partition overlapping the range
 (what a crash between a flush and the next snapshot leaves behind), so a
 replay replaces files instead of adding rows. Event ids already written from a
 partition are remembered (bounded) to drop at-least-once producer retries.
-Files appear whole (written to a temporary name, then renamed).
+Files appear whole (local: written to a temporary name, then renamed; S3: one PUT).
 """
 
 from __future__ import annotations
@@ -185,7 +185,9 @@ class _ArchivePartition(StatelessSinkPartition[Any]):
         self.fs.create_dir(folder, recursive=True)
         rows.sort(key=lambda r: r["offset"])
         table = pa.Table.from_pylist(rows, schema=SCHEMAS[kind])
-        tmp = f"{folder}/.{name}.tmp"
+        # Object stores make a PUT visible whole; a local file needs write-then-rename.
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        tmp = f"{folder}/.{name}.tmp" if local else f"{folder}/{name}"
         pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
         # A replay after a crash re-flushes from the last snapshot with other batch
         # boundaries: drop files of this partition whose range overlaps this one.
@@ -195,7 +197,8 @@ class _ArchivePartition(StatelessSinkPartition[Any]):
                 lo, hi = int(match.group(2)), int(match.group(3))
                 if lo <= last and hi >= first:
                     self.fs.delete_file(info.path)
-        self.fs.move(tmp, f"{folder}/{name}")
+        if local:
+            self.fs.move(tmp, f"{folder}/{name}")
 
 
 class ArchiveSink(DynamicSink[Any]):
@@ -241,6 +244,12 @@ def build_flow(settings: Settings | None = None, io: FlowIO | None = None, tail:
 
 
 # -- reading it back ----------------------------------------------------------------------
+def _read_file(fs: pafs.FileSystem, path: str) -> pa.Table:
+    # One whole GET, no ranged reads: every S3-compatible store serves that the same way.
+    with fs.open_input_stream(path) as stream:
+        return pq.read_table(pa.BufferReader(stream.read()))
+
+
 def read_archive(settings: Settings, start: datetime | None = None, end: datetime | None = None,
                  kind: str = "interactions") -> Iterator[Any]:
     """Records from the archive with start <= timestamp < end, in time order, each event_id once."""
@@ -258,7 +267,7 @@ def read_archive(settings: Settings, start: datetime | None = None, end: datetim
                 end and day > end.astimezone(UTC).date().isoformat()):
             continue
         folder = f"{base}/date={day}"
-        tables = [pq.read_table(info.path, filesystem=fs) for info in fs.get_file_info(pafs.FileSelector(folder))
+        tables = [_read_file(fs, info.path) for info in fs.get_file_info(pafs.FileSelector(folder))
                   if FILE_RE.match(info.base_name)]
         if not tables:
             continue

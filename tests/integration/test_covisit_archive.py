@@ -109,3 +109,53 @@ def test_archive_is_parquet_by_date_and_a_full_replay_adds_no_duplicates(setting
     assert replayed[7].interaction_value == 7.0 and replayed[7].timestamp.tzinfo is not None
     [impression] = archive.read_archive(settings, kind="impressions")
     assert impression.item_ids == ["m1", "m2"]
+
+
+@pytest.fixture
+def s3_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An S3-compatible store (s3rver, as the durable broker uses) with a bucket, and its archive URL."""
+    import subprocess
+    import time
+
+    from infra.durable import s3rver_binary
+    from infra.stack import StackError, port_open
+    from tests.conftest import free_port
+
+    try:
+        binary = s3rver_binary()
+    except (StackError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"no S3-compatible store here: {exc}")
+    port = free_port()
+    server = subprocess.Popen([binary, "-d", str(tmp_path / "s3"), "-a", "127.0.0.1", "-p", str(port), "-s",  # noqa: S603
+                               "--configure-bucket", "archive"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not port_open("127.0.0.1", port):
+        assert time.monotonic() < deadline and server.poll() is None, "s3rver did not start"
+        time.sleep(0.1)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "S3RVER")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S3RVER")
+    # s3rver does not decode the SDK's chunked uploads with trailing checksums (S3 and MinIO do).
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+    yield f"s3://archive/recsys?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    server.terminate()
+    server.wait(10)
+
+
+def test_archive_to_an_s3_url_works_the_same(settings: Settings, s3_url: str) -> None:
+    settings.features.archive_url = s3_url
+    settings.features.archive_max_rows = 40
+    events = [(f"u{i % 5}", InteractionEvent(event_id=f"s{i}", user_id=f"u{i % 5}", item_id="m1",
+                                             interaction_type="view", timestamp=1_714_564_800 + i * 3600).to_json())
+              for i in range(100)]
+    produce(settings, Topics.INTERACTIONS, events)
+    run(archive, settings)
+    settings.features.archive_max_rows = 17
+    run(archive, settings)  # a full replay with other file boundaries replaces, never adds
+    assert [e.event_id for e in archive.read_archive(settings)] == [f"s{i}" for i in range(100)]
+    import pyarrow.fs as pafs
+
+    fs, root = archive.archive_filesystem(s3_url)
+    files = [i for i in fs.get_file_info(pafs.FileSelector(f"{root}/interactions", recursive=True))
+             if i.base_name.endswith(".parquet")]
+    assert sum(archive._read_file(fs, f.path).num_rows for f in files) == 100
