@@ -14,6 +14,10 @@ class RedisKeys:
         """Precomputed list for (user, surface), written by flows/recommendations."""
         return f"{self.prefix}recs:{surface}:{user_id}"
 
+    def recommendations_dirty(self, user_id: str) -> str:
+        """Epoch seconds of the user's latest accepted event: cached lists computed before it are stale."""
+        return f"{self.prefix}recs:dirty:{user_id}"
+
     def user_recent(self, user_id: str) -> str:
         return f"{self.prefix}user:recent:{user_id}"
 

@@ -249,7 +249,7 @@ class RecommendSettings(BaseModel):
     features_budget_ms: float = 30.0
     candidates_budget_ms: float = 90.0
     # Background revalidation of a stale cached list may take longer (nobody waits).
-    refresh_budget_ms: float = 2000.0
+    refresh_budget_ms: float = 5000.0
     # A cached list is fresh this long, then served stale while a refresh runs;
     # cold users (no history) get a short freshness so they turn personal quickly.
     cache_fresh_s: float = 300.0

@@ -224,7 +224,7 @@ class Recommender:
         if len(page) < min(request.limit, len(ids)) or len(page) < request.limit:
             # Something in the list went away (deleted, blocked): recompute in the background.
             self._revalidate(request)
-        stale = time.time() > entry["fresh_until"]
+        stale = time.time() > entry["fresh_until"] or entry["dirty"]
         if stale:
             self._revalidate(request)
         self._count("cache", "stale" if stale else "hit")
@@ -256,15 +256,31 @@ class Recommender:
 
     # -- cache ----------------------------------------------------------------------
     async def _read_cache(self, user_id: str, surface: str) -> dict[str, Any] | None:
-        raw = await self.redis.get(self.keys.recommendations(user_id, surface))
-        return orjson.loads(raw) if raw else None
+        raw, dirty = await self.redis.mget(self.keys.recommendations(user_id, surface),
+                                           self.keys.recommendations_dirty(user_id))
+        if not raw:
+            return None
+        entry: dict[str, Any] = orjson.loads(raw)
+        # The user acted after this list was computed: serve it, but as stale (revalidated).
+        entry["dirty"] = bool(dirty) and float(dirty) > entry.get("computed_at", 0.0)
+        return entry
 
-    async def _write_cache(self, ctx: UserContext, page: list[Candidate]) -> None:
+    async def mark_dirty(self, user_ids: set[str]) -> None:
+        """Called when the user's events are accepted: their cached lists go stale at once."""
+        now = str(time.time())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user_id in user_ids:
+                pipe.set(self.keys.recommendations_dirty(user_id), now, ex=int(self.cfg.cache_ttl_s))
+            await pipe.execute()
+
+    async def _write_cache(self, ctx: UserContext, page: list[Candidate], started_at: float | None = None) -> None:
         fresh = self.cfg.cache_fresh_cold_s if ctx.is_cold else self.cfg.cache_fresh_s
+        started_at = started_at if started_at is not None else ctx.now.timestamp()
         entry = {
             "items": [[c.item_id, round(c.score, 6), c.reasons] for c in page],
             "generated_at": datetime.now(UTC).isoformat(),
             "fresh_until": time.time() + fresh,
+            "computed_at": started_at,
             "region": ctx.region, "age_bucket": ctx.age_bucket, "current_item_id": ctx.current_item_id,
         }
         await self.redis.set(self.keys.recommendations(ctx.user_id, ctx.surface), orjson.dumps(entry),

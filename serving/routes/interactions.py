@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from fastapi import APIRouter, status
 
 from schemas.api import AcceptedResponse, ErrorResponse, InteractionBatch
 from schemas.events import InteractionEvent
 from schemas.topics import Topics
-from serving.deps import PublisherDep, SettingsDep
+from serving.deps import PublisherDep, RecommenderDep, SettingsDep
 from serving.errors import PayloadTooLarge, ServiceUnavailable
 from serving.publisher import BrokerUnavailable
 
@@ -20,27 +23,35 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-async def _accept(events: list[InteractionEvent], publisher: PublisherDep, settings: SettingsDep) -> AcceptedResponse:
+async def _accept(events: list[InteractionEvent], publisher: PublisherDep, settings: SettingsDep,
+                  recommender: RecommenderDep) -> AcceptedResponse:
     topic = settings.topic(Topics.INTERACTIONS)
     try:
         await publisher.publish_many(topic, [(e.user_id, e.to_json()) for e in events])
     except BrokerUnavailable as exc:
         raise ServiceUnavailable(f"event log unavailable, nothing was accepted: {exc}") from exc
+    # Best-effort: the users' cached lists turn stale now, so their next request revalidates
+    # even if the precompute flow is behind. The event is already safe in the log.
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(0.05):
+            await recommender.mark_dirty({e.user_id for e in events})
     return AcceptedResponse(accepted=len(events), event_ids=[e.event_id for e in events])
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=AcceptedResponse, responses=_ERRORS)
-async def post_interaction(event: InteractionEvent, publisher: PublisherDep, settings: SettingsDep) -> AcceptedResponse:
+async def post_interaction(event: InteractionEvent, publisher: PublisherDep, settings: SettingsDep,
+                           recommender: RecommenderDep) -> AcceptedResponse:
     """Log one interaction. 202 means the event is durably in the log."""
-    return await _accept([event], publisher, settings)
+    return await _accept([event], publisher, settings, recommender)
 
 
 @router.post("/batch", status_code=status.HTTP_202_ACCEPTED, response_model=AcceptedResponse, responses=_ERRORS)
-async def post_interactions_batch(batch: InteractionBatch, publisher: PublisherDep, settings: SettingsDep) -> AcceptedResponse:
+async def post_interactions_batch(batch: InteractionBatch, publisher: PublisherDep, settings: SettingsDep,
+                                  recommender: RecommenderDep) -> AcceptedResponse:
     """Log up to ``api.max_batch_events`` interactions at once; all or nothing is acknowledged."""
     limit = settings.api.max_batch_events
     if len(batch.events) > limit:
         raise PayloadTooLarge(f"batch has {len(batch.events)} events; the limit is {limit}")
     if not batch.events:
         return AcceptedResponse(accepted=0, event_ids=[])
-    return await _accept(batch.events, publisher, settings)
+    return await _accept(batch.events, publisher, settings, recommender)

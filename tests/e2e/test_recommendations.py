@@ -182,13 +182,20 @@ def test_three_likes_in_one_category_take_over_the_homepage(system: System) -> N
         assert system.send("POST", "/interactions", {"user_id": user, "item_id": item_id,
                                                      "interaction_type": "like"}).status_code == 202
 
+    last: list[object] = []
+
     def dominated() -> list[str] | None:
-        page = [r["item_id"] for r in system.get("/recommendations", user_id=user, limit=10).json()["recommendations"]]
+        body = system.get("/recommendations", user_id=user, limit=10).json()
+        page = [r["item_id"] for r in body["recommendations"]]
         counts = Counter(catalog[i].category for i in page if i in catalog)
+        last[:] = [body["served_from"], counts.most_common()]
         n = counts.get("Documentary", 0)
         return page if n >= cap and n == max(counts.values()) else None
 
-    page = wait_for(dominated, 10, "documentaries to dominate the homepage", every_s=0.2)
+    try:
+        page = wait_for(dominated, 10, "documentaries to dominate the homepage", every_s=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last answer: {last}") from None
     elapsed = time.monotonic() - started
     assert not set(liked) & set(page), "liked items are not recommended again"
     print(f"homepage changed {elapsed:.2f}s after the third like")
