@@ -94,6 +94,7 @@ def train_two_tower(
 ) -> TwoTowerModel:
     """Train on the events (any order; de-duplicated and sorted here) and return the model."""
     started = time.perf_counter()
+    torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     events = ordered_unique(events)
