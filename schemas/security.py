@@ -59,3 +59,22 @@ class ApiKeyRecord(Record):
 
     def allows(self, scope: ApiScope | str) -> bool:
         return ApiScope.admin in self.scopes or ApiScope(scope) in self.scopes
+
+
+class ApiKeyCreate(Record):
+    """Body of POST /admin/keys."""
+
+    name: ShortText = Field(min_length=1)
+    scopes: list[ApiScope] = Field(min_length=1, max_length=4)
+    rate_per_s: float | None = Field(default=None, ge=0, le=1e6, description="Default: security.default_rate_per_s.")
+    burst: int | None = Field(default=None, ge=1, le=10_000_000)
+
+
+class ApiKeyCreated(ApiKeyRecord):
+    """Answer of POST /admin/keys: the only time the key itself is shown."""
+
+    api_key: str = Field(description="Store it now: only its hash is kept.")
+
+
+class ApiKeyList(Record):
+    keys: list[ApiKeyRecord]

@@ -23,7 +23,7 @@ from serving.logging import RequestContext, configure_logging
 from serving.pipeline.factory import build_recommender
 from serving.pipeline.service import Recommender
 from serving.publisher import EventPublisher
-from serving.routes import catalog, features, health, interactions, recommendations
+from serving.routes import apikeys, catalog, features, health, interactions, recommendations
 from serving.routes import models as model_routes
 from serving.security import ApiKeyAuthenticator, protected
 from serving.shedding import LoadShedder
@@ -124,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(features.router, **protected(ApiScope.admin))
     app.include_router(recommendations.router, **protected(ApiScope.recs_read))
     app.include_router(model_routes.router, **protected(ApiScope.admin))
+    app.include_router(apikeys.router, **protected(ApiScope.admin))
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
     # Overload: refuse low-priority surfaces first, before any auth or body parsing.
     app.add_middleware(LoadShedder, max_in_flight=settings.security.shed_max_in_flight,

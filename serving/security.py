@@ -195,6 +195,11 @@ class ApiKeyAuthenticator:
             )
         return record
 
+    def forget(self, key_id: str) -> None:
+        """Drop a key from this process's cache (after a revocation here)."""
+        for key_hash in [h for h in self._cache if key_id_of(h) == key_id]:
+            del self._cache[key_hash]
+
     @staticmethod
     def _parse(flat: list[bytes]) -> ApiKeyRecord:
         fields = dict(zip(flat[0::2], flat[1::2], strict=True))

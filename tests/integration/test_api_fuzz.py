@@ -74,7 +74,7 @@ def live_api(stack: EmbeddedStack) -> Iterator[tuple[str, dict[str, str]]]:
                                            log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120  # start-up builds the recommender (Milvus, Feast): slow on a busy box
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, "uvicorn did not start"

@@ -145,3 +145,26 @@ def test_cli_creates_lists_and_revokes(settings: Settings, monkeypatch, capsys) 
     assert main(["revoke", record.key_id]) == 1
     with pytest.raises(SystemExit):
         main(["create", "--name", "x", "--scopes", "recs:write"])
+
+
+def test_admin_manages_keys_over_http(settings: Settings, api_key: str) -> None:
+    settings.security.key_cache_ttl_s = 60  # revocation through the API must not wait for the cache
+    admin = {"X-API-Key": api_key}
+    with TestClient(create_app(settings)) as client:
+        created = client.post("/admin/keys", json={"name": "mobile", "scopes": ["events:write"], "rate_per_s": 5},
+                              headers=admin)
+        assert created.status_code == 201
+        body = created.json()
+        new_key, key_id = body["api_key"], body["key_id"]
+        assert body["scopes"] == ["events:write"] and body["rate_per_s"] == 5
+        assert client.post("/interactions", json=EVENT, headers={"X-API-Key": new_key}).status_code == 202
+        listed = client.get("/admin/keys", headers=admin).json()["keys"]
+        assert key_id in {k["key_id"] for k in listed} and all("api_key" not in k for k in listed)
+        # Key management needs admin: the new key cannot manage keys.
+        assert client.get("/admin/keys", headers={"X-API-Key": new_key}).status_code == 403
+        assert client.delete(f"/admin/keys/{key_id}", headers=admin).json()["name"] == "mobile"
+        assert client.post("/interactions", json=EVENT, headers={"X-API-Key": new_key}).status_code == 401
+        missing = client.delete(f"/admin/keys/{key_id}", headers=admin)
+        assert missing.status_code == 404 and key_id in missing.json()["message"]
+        bad = client.post("/admin/keys", json={"name": "x", "scopes": ["recs:write"]}, headers=admin)
+        assert bad.status_code == 422 and bad.json()["details"][0]["field"].startswith("scopes")
