@@ -120,19 +120,28 @@ def plot_ingest(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-KEYWORDS = ("p50", "p90", "p99", "rps", "per_s", "recall", "lag", "seconds", "_ms", "ratio", "qps")
+KEYWORDS = ("p50", "p90", "p99", "rps", "per_s", "recall", "lag", "_ms", "ratio", "qps", "build_s", "hr@", "ndcg")
 
 
 def numeric_leaves(node: Any, prefix: str = "") -> list[tuple[str, float]]:
-    """(dotted path, value) of every number under ``node`` whose path names a measurement."""
+    """(dotted path, value) of every number under ``node`` whose path names a measurement.
+
+    List entries are labelled by their ``items``/``name``/``size`` field when they have one.
+    """
     out: list[tuple[str, float]] = []
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "machine":
+            if key in ("machine", "settings", "targets"):
                 continue
             out += numeric_leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(node, list):
+        for n, value in enumerate(node):
+            label = n
+            if isinstance(value, dict):
+                label = next((value[k] for k in ("items", "name", "size") if k in value), n)
+            out += numeric_leaves(value, f"{prefix}[{label}]")
     elif isinstance(node, int | float) and not isinstance(node, bool):
-        if any(k in prefix.rsplit(".", 1)[-1] for k in KEYWORDS):
+        if any(k in prefix.lower() for k in KEYWORDS):
             out.append((prefix, float(node)))
     return out
 
