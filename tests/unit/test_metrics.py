@@ -86,3 +86,67 @@ def test_item_knn_scores_by_cosine_neighbours() -> None:
     assert sim[0, 2] == 0.0
     assert np.all(np.diag(sim) == 0)
     assert baselines.top_k(np.array([[1, 0, 0]], dtype=np.float32), [0], sim, k=1) == [[1]]
+
+
+def _tiny_log():  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime, timedelta
+
+    from demo.movielens import MovieLens
+    from schemas.catalog import ItemRecord, UserProfile
+    from schemas.events import InteractionEvent
+
+    users = [UserProfile(user_id=f"u{n}") for n in range(3)]
+    items = [ItemRecord(item_id=f"i{n}", tags=["Drama" if n % 2 else "Comedy"]) for n in range(6)]
+    t0 = datetime(1998, 1, 1, tzinfo=UTC)
+    pairs = [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 1), (0, 3), (1, 3)]
+    events = [InteractionEvent(user_id=f"u{u}", item_id=f"i{i}", interaction_type="watch",
+                               timestamp=t0 + timedelta(minutes=k)) for k, (u, i) in enumerate(pairs)]
+    return MovieLens(users=users, items=items, interactions=events)
+
+
+def test_prequential_replay_asks_before_it_ingests_each_chunk() -> None:
+    import asyncio
+
+    from bench.quality import Arm, replay
+
+    seen_at_ask: list[tuple[str, int]] = []
+
+    class Spy(Arm):
+        name = "spy"
+
+        async def recommend(self, users, state):  # type: ignore[no-untyped-def]
+            seen_at_ask.extend((u, state.user_events[u]) for u in users)
+            return {u: ["i3"] for u in users}
+
+    data = _tiny_log()
+    result = asyncio.run(replay(data, [Spy()], warmup_fraction=0.6, chunk=2, stride=1))
+    # Warm-up: the first 6 events; test chunks [(u1,i2),(u2,i1)] and [(u0,i3),(u1,i3)].
+    assert result["warmup_events"] == 6 and result["chunks"] == 2
+    assert seen_at_ask == [("u1", 2), ("u2", 1), ("u0", 3), ("u1", 3)]
+    spy = result["arms"]["spy"]
+    assert spy["all"]["events"] == 4
+    assert spy["all"]["hr@10"] == 0.5  # i3 is the target of the last two events only
+    assert spy["cold_users"]["events"] == 4  # every user had < 5 prior events
+    assert spy["coverage"] == round(1 / 6, 4)
+
+
+def test_most_popular_baseline_in_the_replay_never_recommends_consumed_items() -> None:
+    import asyncio
+
+    from bench.quality import MatrixBaseline, replay
+
+    data = _tiny_log()
+    arm = MatrixBaseline("most-popular", baselines.most_popular_weights, refit_every=1)
+    lists: dict[str, list[str]] = {}
+    original = arm.recommend
+
+    async def recording(users, state):  # type: ignore[no-untyped-def]
+        out = await original(users, state)
+        lists.update(out)
+        return out
+
+    arm.recommend = recording  # type: ignore[method-assign]
+    asyncio.run(replay(data, [arm], warmup_fraction=0.6, chunk=2, stride=1))
+    # Before the last chunk u0 had consumed i0, i1, i2: its list starts with the next most popular.
+    assert "i0" not in lists["u0"] and "i1" not in lists["u0"] and "i2" not in lists["u0"]
+    assert lists["u0"][0] == "i3"
