@@ -177,7 +177,8 @@ def write_summary(statuses: dict[str, tuple[str, float]] | None = None) -> Path:
     for name, r in results.items():
         lines += ["", f"## {name}", ""]
         try:
-            lines += SECTIONS.get(name, _generic)(r)
+            section = SECTIONS.get(name) or SECTIONS.get(name.split("_", 1)[0], _generic)
+            lines += section(r)
         except (KeyError, TypeError) as exc:
             lines += [f"(could not summarise: missing {exc}; see {name}.json)"]
         if (RESULTS / f"{name}.png").exists():

@@ -175,7 +175,7 @@ def plot(name: str) -> Path | None:
         return None
     result = json.loads(source.read_text())
     target = RESULTS / f"{name}.png"
-    plotter = PLOTTERS.get(name)
+    plotter = PLOTTERS.get(name) or PLOTTERS.get(name.split("_", 1)[0])
     if plotter is None:
         try:
             plotter = getattr(importlib.import_module(f"bench.{name}"), "plot", None)

@@ -494,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-every", type=int, default=0, help="retrain the two-tower every N events (0: never)")
     parser.add_argument("--baselines-only", action="store_true", help="skip the live system (no stack needed)")
     parser.add_argument("--keep", action="store_true", help="leave the run's topics, keys and collections")
+    parser.add_argument("--out", default="quality", help="result name: bench/results/<out>.json")
     args = parser.parse_args(argv)
     if args.chunk < 1 or args.stride < 1 or not 0 < args.warmup < 1:
         parser.error("--chunk and --stride must be >= 1 and --warmup in (0, 1)")
@@ -501,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                              args.retrain_every, args.keep))
     print_table(result)
     result["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
-    save("quality", result)
+    save(args.out, result)
     if "system" in result["arms"] and "most-popular" in result["arms"]:
         ratio = result["arms"]["system"]["all"]["ndcg@10"] / max(result["arms"]["most-popular"]["all"]["ndcg@10"], 1e-9)
         print(f"system NDCG@10 / most-popular NDCG@10 = {ratio:.2f} (target >= 2)")
