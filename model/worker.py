@@ -155,8 +155,10 @@ def handle(settings: Settings, command: ControlCommand, lock_client: redis.Redis
 
 def run(settings: Settings, stop_after: int | None = None) -> int:
     """Consume the control topic; each refresh command trains one version. Returns commands handled."""
+    # A refresh trains for minutes between polls: without a long max.poll.interval the
+    # broker drops the trainer from its group mid-training and the commit afterwards fails.
     consumer = Consumer(consumer_config(settings, f"{settings.kafka.topic_prefix}trainer",
-                                        **{"enable.auto.commit": False}))
+                                        **{"enable.auto.commit": False, "max.poll.interval.ms": 7_200_000}))
     consumer.subscribe([settings.topic(Topics.CONTROL)])
     lock_client = redis.Redis.from_url(settings.redis.url)
     handled = 0
