@@ -43,7 +43,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
         kafka={"bootstrap_servers": f"127.0.0.1:{broker_port}"},
         redis=base.redis.model_dump(),
         milvus=base.milvus.model_dump(),
-        stack={**base.stack.model_dump(), "state_dir": ROOT / ".recsys" / "test-stack",
+        stack={**base.stack.model_dump(), "state_dir": tmp_path_factory.mktemp("test-stack"),
                "broker_listen": f"127.0.0.1:{broker_port}"},
     )
     stack = EmbeddedStack(settings)
