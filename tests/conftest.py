@@ -3,7 +3,7 @@
 - a tansu broker of its own on a free port (so a running `make up` stack is untouched);
 - the local Redis (started if none answers), every test under its own key prefix;
 - the Milvus server of the embedded stack (reused if one answers, else started
-  under .recsys/test-stack and stopped at the end), every test with its own
+  under a temporary folder and stopped at the end), every test with its own
   collection names.
 
 Each test that asks for ``settings`` gets a unique topic prefix and Redis key
