@@ -300,6 +300,10 @@ class UserState:
     recent: list[tuple[float, str, str]] = field(default_factory=list)
     consumed: dict[str, float] = field(default_factory=dict)  # item -> last time
     skipped: dict[str, float] = field(default_factory=dict)
+    # The same entries as (-time, item), kept sorted (newest first) as they change, so a
+    # flush slices instead of sorting hundreds of items again.
+    consumed_order: list[tuple[float, str]] = field(default_factory=list)
+    skipped_order: list[tuple[float, str]] = field(default_factory=list)
     affinity: dict[str, float] = field(default_factory=dict)
     long_term: dict[str, float] = field(default_factory=dict)
     as_of: float = 0.0
@@ -318,8 +322,23 @@ class UserState:
         return self.newest_us + self.changes
 
 
-def _newest(entries: dict[str, float], n: int) -> list[str]:
-    return [k for k, _ in sorted(entries.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+def _remember(latest: dict[str, float], order: list[tuple[float, str]], item_id: str, ts: float, keep: int) -> None:
+    """item -> its newest time, and the sorted (newest first) view of it; the newest ``keep`` survive.
+
+    The result is the newest ``keep`` items whatever the arrival order: an item
+    dropped here was older than ``keep`` others, and stays so.
+    """
+    old = latest.get(item_id)
+    if old is not None:
+        if ts <= old:
+            return
+        order.pop(bisect.bisect_left(order, (-old, item_id)))
+    latest[item_id] = ts
+    bisect.insort(order, (-ts, item_id))
+    if len(order) > keep:
+        for _, dropped in order[keep:]:
+            del latest[dropped]
+        del order[keep:]
 
 
 def session(times: list[float], gap_s: float) -> tuple[int, float]:
@@ -338,8 +357,8 @@ def user_document(s: UserState, cfg: FeatureSettings) -> dict[str, Any]:
     return {
         "user_id": s.user_id,
         "recent": [{"item_id": i, "interaction_type": t, "ts": ts} for ts, i, t in reversed(s.recent)],
-        "consumed": _newest(s.consumed, cfg.consumed_size),
-        "skipped": _newest(s.skipped, cfg.skipped_size),
+        "consumed": [item for _, item in s.consumed_order[: cfg.consumed_size]],
+        "skipped": [item for _, item in s.skipped_order[: cfg.skipped_size]],
         "category_affinity": dict(sorted(s.affinity.items(), key=lambda kv: (-kv[1], kv[0]))),
         "long_term_affinity": dict(sorted(s.long_term.items(), key=lambda kv: (-kv[1], kv[0]))),
         "affinity_as_of": s.as_of,
@@ -389,13 +408,9 @@ class UserLogic(StatefulBatchLogic[Any, Any, UserState]):
             bisect.insort(s.recent, (ts, event.item_id, kind))
             del s.recent[: max(0, len(s.recent) - cfg.recent_size)]
         if kind in CONSUMED_TYPES:
-            s.consumed[event.item_id] = max(ts, s.consumed.get(event.item_id, ts))
-            if len(s.consumed) > cfg.consumed_size * 2:  # trim in bulk, not on every event
-                s.consumed = {k: s.consumed[k] for k in _newest(s.consumed, cfg.consumed_size)}
+            _remember(s.consumed, s.consumed_order, event.item_id, ts, cfg.consumed_size)
         elif kind == "skip":
-            s.skipped[event.item_id] = max(ts, s.skipped.get(event.item_id, ts))
-            if len(s.skipped) > cfg.skipped_size * 2:
-                s.skipped = {k: s.skipped[k] for k in _newest(s.skipped, cfg.skipped_size)}
+            _remember(s.skipped, s.skipped_order, event.item_id, ts, cfg.skipped_size)
         # Decayed sums are kept as of the newest event time: adding a late event
         # is then the same sum in any order.
         if ts > s.as_of:
