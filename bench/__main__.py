@@ -168,11 +168,19 @@ def write_summary(statuses: dict[str, tuple[str, float]] | None = None) -> Path:
         lines.append(f"| [{name}]({name}.json) | {WHAT.get(name, '')} | {m.get('date', '?')} | {m.get('commit', '?')} "
                      f"| {m.get('cpus', '?')} CPUs, {m.get('platform', '?')}, Python {m.get('python', '?')} "
                      f"| {r.get('load_average_1_5_15', '-')} | {plot} |")
+    last_run = RESULTS / "last_run.txt"  # JSON, but not a result: kept out of the *.json glob
+    if statuses:
+        last_run.write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        "statuses": statuses}))
+    elif last_run.exists():
+        saved = json.loads(last_run.read_text())
+        statuses = {n: (s, t) for n, (s, t) in saved["statuses"].items()}
     missing = [n for n in ORDER if n not in results]
     if missing:
         lines += ["", f"No result yet: {', '.join(missing)}."]
     if statuses:
-        lines += ["", "Last `python -m bench` run:", "",
+        total = sum(t for _, t in statuses.values())
+        lines += ["", f"Last `python -m bench` run ({total / 60:.1f} min in all):", "",
                   *[f"- {n}: {status}{f' in {secs:.0f} s' if secs else ''}" for n, (status, secs) in statuses.items()]]
     for name, r in results.items():
         lines += ["", f"## {name}", ""]
