@@ -165,7 +165,8 @@ def write_summary(statuses: dict[str, tuple[str, float]] | None = None) -> Path:
         results[name] = r
         m = r.get("machine", {})
         plot = f"[{name}.png]({name}.png)" if (RESULTS / f"{name}.png").exists() else "-"
-        lines.append(f"| [{name}]({name}.json) | {WHAT.get(name, '')} | {m.get('date', '?')} | {m.get('commit', '?')} "
+        what = WHAT.get(name) or (f"{WHAT[name.split('_', 1)[0]]}; side run" if name.split("_", 1)[0] in WHAT else "")
+        lines.append(f"| [{name}]({name}.json) | {what} | {m.get('date', '?')} | {m.get('commit', '?')} "
                      f"| {m.get('cpus', '?')} CPUs, {m.get('platform', '?')}, Python {m.get('python', '?')} "
                      f"| {r.get('load_average_1_5_15', '-')} | {plot} |")
     last_run = RESULTS / "last_run.txt"  # JSON, but not a result: kept out of the *.json glob
