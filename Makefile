@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install --quiet --upgrade pip
 	@# torch is pinned (2.13.0 CPU); an unpinned torch would pull a multi-GB CUDA build.
-	@$(BIN)/pip install --quiet -e '.[dev]'
+	@$(BIN)/pip install --quiet -e '.[dev,bench]'
 	@touch $(STAMP)
 
 install: system-deps $(STAMP)

@@ -231,6 +231,11 @@ class EmbeddedStack:
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **settings_env(self.settings), **component.env}
+        # feast sets these in its importer's environment for its own metrics; a child
+        # must not inherit another process's temporary metrics folder.
+        for name in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR"):
+            if name not in component.env:
+                env.pop(name, None)
         log = self.log_file(component.name).open("ab")
         try:
             process = subprocess.Popen(  # noqa: S603 (argv built here, no shell)

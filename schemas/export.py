@@ -34,15 +34,15 @@ EXPORTED: tuple[type[BaseModel], ...] = (
     api.CachedRecommendationsResponse,
     api.ModelRefreshResponse,
     api.ErrorResponse,
+    features.UserFeatures,
+    features.ItemFeatures,
+    features.OnlineFeaturesResponse,
     models.ModelVersion,
     models.ModelsResponse,
     security.ApiKeyRecord,
     security.ApiKeyCreate,
     security.ApiKeyCreated,
     security.ApiKeyList,
-    features.UserFeatures,
-    features.ItemFeatures,
-    features.OnlineFeaturesResponse,
 )
 
 

@@ -151,6 +151,11 @@ QUALITY_EXPOSURE_GINI = Gauge(
     multiprocess_mode="mostrecent",
 )
 
+# Decided once, at import: importing feast later sets PROMETHEUS_MULTIPROC_DIR in
+# os.environ for its own use, which must not switch this process's /metrics to
+# reading files its in-memory counters were never written to.
+_MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
 router = APIRouter(tags=["health"])
 
 
@@ -158,7 +163,7 @@ router = APIRouter(tags=["health"])
 def metrics() -> Response:
     """Every metric in the Prometheus text format (summed over workers in multiprocess mode)."""
     registry = REGISTRY
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if _MULTIPROC_DIR:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
