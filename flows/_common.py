@@ -18,7 +18,7 @@ import bytewax.operators as op
 import orjson
 import redis
 from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource
-from bytewax.dataflow import Stream
+from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, Sink, StatelessSinkPartition
@@ -119,6 +119,21 @@ def route_dead_letters(settings: Settings, flow_name: str, dead: Stream[DeadLett
     op.output("dead_letter_out", records, sink)
     counts = op.map("dead_letter_count", counted, lambda kv: ("stat", "dead_letters", kv[1][1]))
     op.output("dead_letter_count_out", counts, RedisStatsSink(settings, flow_name))
+
+
+def read_records(flow: Dataflow, flow_name: str, settings: Settings, io: FlowIO,
+                 models: dict[str, type[BaseModel]], *, input_step: str = "read_log",
+                 parse_step: str = "parse_record") -> Stream[tuple[str, Any]]:
+    """The common head of a flow: read the log, parse by topic, dead-letter what fails.
+
+    Returns the stream of ``(topic, record)`` for every record that parsed.
+    """
+    raw = op.input(input_step, flow, io.source)
+    parsed = op.map(parse_step, op.map("to_message", raw, to_message), parse_with(models, flow_name))
+    ok_or_dead = op.branch("split_dead_letters", parsed, lambda r: r[0] == "ok")
+    route_dead_letters(settings, flow_name, op.map("dead_record", ok_or_dead.falses, lambda r: r[1]),
+                       io.dead_letters)
+    return op.map("record", ok_or_dead.trues, lambda r: r[1])  # (topic, record)
 
 
 class _StatsPartition(StatelessSinkPartition[Any]):

@@ -23,7 +23,6 @@ nothing to embed with; the first refresh indexes the whole catalog.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
@@ -33,9 +32,7 @@ from flows._common import (
     FlowIO,
     dead_letter_sink,
     kafka_source,
-    parse_with,
-    route_dead_letters,
-    to_message,
+    read_records,
 )
 from schemas.catalog import ItemRecord
 from schemas.topics import Topics
@@ -96,17 +93,9 @@ def build_flow(settings: Settings | None = None, io: FlowIO | None = None, tail:
     settings = settings or load_settings()
     io = io or default_io(settings, tail=tail)
     flow = Dataflow(FLOW_NAME)
-    raw = op.input("read_catalog", flow, io.source)
-    parsed = op.map("parse_item", op.map("to_message", raw, to_message),
-                    parse_with({settings.topic(Topics.CATALOG_ITEMS): ItemRecord}, FLOW_NAME))
-    ok_or_dead = op.branch("split_dead_letters", parsed, lambda r: r[0] == "ok")
-    route_dead_letters(settings, FLOW_NAME, op.map("dead_record", ok_or_dead.falses, lambda r: r[1]),
-                       io.dead_letters)
-    items = op.map("item_record", ok_or_dead.trues, _record)  # ItemRecord
+    records = read_records(flow, FLOW_NAME, settings, io, {settings.topic(Topics.CATALOG_ITEMS): ItemRecord},
+                           input_step="read_catalog", parse_step="parse_item")
+    items = op.map("item_record", records, lambda topic_record: topic_record[1])  # ItemRecord
     op.output("index_items", items, io.outputs["items"])
     return flow
 
-
-def _record(parsed: tuple[str, Any]) -> ItemRecord:
-    _topic, record = parsed[1]
-    return record

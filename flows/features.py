@@ -58,9 +58,7 @@ from flows._common import (
     dead_letter_sink,
     ensure_recovery_dir,
     kafka_source,
-    parse_with,
-    route_dead_letters,
-    to_message,
+    read_records,
 )
 from schemas.catalog import ItemRecord, UserProfile
 from schemas.events import InteractionEvent
@@ -475,12 +473,7 @@ def build_flow(settings: Settings | None = None, io: FlowIO | None = None, tail:
     interactions, items = settings.topic(Topics.INTERACTIONS), settings.topic(Topics.CATALOG_ITEMS)
 
     flow = Dataflow(FLOW_NAME)
-    raw = op.input("read_log", flow, io.source)
-    parsed = op.map("parse_record", op.map("to_message", raw, to_message), parse_with(models, FLOW_NAME))
-    ok_or_dead = op.branch("split_dead_letters", parsed, lambda r: r[0] == "ok")
-    route_dead_letters(settings, FLOW_NAME, op.map("dead_record", ok_or_dead.falses, lambda r: r[1]),
-                       io.dead_letters)
-    records = op.map("record", ok_or_dead.trues, lambda r: r[1])  # (topic, record)
+    records = read_records(flow, FLOW_NAME, settings, io, models)  # (topic, record)
 
     by_topic = op.branch("split_items", records, lambda tr: tr[0] == items)
     item_meta = op.map("tag_item_meta", by_topic.trues, lambda tr: ("meta", tr[1]))

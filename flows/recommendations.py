@@ -32,10 +32,8 @@ from flows._common import (
     dead_letter_sink,
     ensure_recovery_dir,
     kafka_source,
-    parse_with,
+    read_records,
     redis_client,
-    route_dead_letters,
-    to_message,
 )
 from schemas.events import ImpressionRecord, InteractionEvent
 from schemas.topics import Topics
@@ -167,12 +165,7 @@ def build_flow(settings: Settings | None = None, io: FlowIO | None = None, tail:
     models = {interactions: InteractionEvent, settings.topic(Topics.IMPRESSIONS): ImpressionRecord}
 
     flow = Dataflow(FLOW_NAME)
-    raw = op.input("read_log", flow, io.source)
-    parsed = op.map("parse_record", op.map("to_message", raw, to_message), parse_with(models, FLOW_NAME))
-    ok_or_dead = op.branch("split_dead_letters", parsed, lambda r: r[0] == "ok")
-    route_dead_letters(settings, FLOW_NAME, op.map("dead_record", ok_or_dead.falses, lambda r: r[1]),
-                       io.dead_letters)
-    records = op.map("record", ok_or_dead.trues, lambda r: r[1])  # (topic, record)
+    records = read_records(flow, FLOW_NAME, settings, io, models)  # (topic, record)
     split = op.branch("split_impressions", records, lambda tr: tr[0] == interactions)
     events = op.map("event", split.trues, lambda tr: tr[1])  # InteractionEvent
     impressions = op.map("impression", split.falses, lambda tr: tr[1])  # ImpressionRecord
