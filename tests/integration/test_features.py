@@ -267,6 +267,14 @@ def _events_done(settings: Settings) -> int:
     return sum(orjson.loads(raw)["total_events"] for raw in client.mget(keys) if raw)
 
 
+def _item_events_done(settings: Settings) -> int:
+    """Events counted in the item documents (they flush on their own ticks, after the users' may)."""
+    client = redis.Redis.from_url(settings.redis.url)
+    keys = [settings.keys.item_features(f"m{i}") for i in range(N_ITEMS)]
+    return sum(sum(doc.get(k, 0) for k in ("views", "clicks", "likes", "watches", "skips"))
+               for doc in (orjson.loads(raw) for raw in client.mget(keys) if raw))
+
+
 def _wait(condition, timeout_s: float, process: _Group, log: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -289,8 +297,10 @@ def _run_case(settings: Settings, recovery: Path, kill_at: int | None, processes
             _wait(lambda: _events_done(settings) >= kill_at, 90, process, log)
             process.kill(signal.SIGKILL)
             process = _start_group(settings, recovery, processes)
-        _wait(lambda: _events_done(settings) >= N_EVENTS, 120, process, log)
-        time.sleep(2 * settings.features.flush_interval_s + 0.5)  # the last flushes of items
+        # Wait on the data, not the clock: under load a flush tick stretches past any fixed sleep.
+        _wait(lambda: _events_done(settings) >= N_EVENTS and _item_events_done(settings) >= N_EVENTS,
+              120, process, log)
+        time.sleep(2 * settings.features.flush_interval_s + 0.5)  # trending and stats written in the same tick
     finally:
         process.kill(signal.SIGTERM)
     return _snapshot(settings)
