@@ -265,6 +265,18 @@ class Recommender:
         entry["dirty"] = bool(dirty) and float(dirty) > entry.get("computed_at", 0.0)
         return entry
 
+    def mark_dirty_soon(self, user_ids: set[str]) -> None:
+        """``mark_dirty`` in the background (ingestion must not wait on it); failures are logged."""
+
+        async def run() -> None:
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.mark_dirty(user_ids)
+            except Exception as exc:  # noqa: BLE001 (the precompute flow still refreshes the lists)
+                log.warning("mark_dirty_failed users=%d error=%r", len(user_ids), exc)
+
+        self._spawn(run())
+
     async def mark_dirty(self, user_ids: set[str]) -> None:
         """Called when the user's events are accepted: their cached lists go stale at once."""
         now = str(time.time())

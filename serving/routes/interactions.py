@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 from fastapi import APIRouter, status
 
 from schemas.api import AcceptedResponse, ErrorResponse, InteractionBatch
@@ -30,11 +27,10 @@ async def _accept(events: list[InteractionEvent], publisher: PublisherDep, setti
         await publisher.publish_many(topic, [(e.user_id, e.to_json()) for e in events])
     except BrokerUnavailable as exc:
         raise ServiceUnavailable(f"event log unavailable, nothing was accepted: {exc}") from exc
-    # Best-effort: the users' cached lists turn stale now, so their next request revalidates
-    # even if the precompute flow is behind. The event is already safe in the log.
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(0.05):
-            await recommender.mark_dirty({e.user_id for e in events})
+    # Best-effort and off the response path: the users' cached lists turn stale, so their
+    # next request revalidates even if the precompute flow is behind. The event is already
+    # safe in the log.
+    recommender.mark_dirty_soon({e.user_id for e in events})
     return AcceptedResponse(accepted=len(events), event_ids=[e.event_id for e in events])
 
 
