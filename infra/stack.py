@@ -286,7 +286,13 @@ class EmbeddedStack:
             (self.state / "broker.run-id").write_text(uuid.uuid4().hex)
         echo(f"broker   {state:8} {self.settings.kafka.bootstrap_servers}")
         echo(f"redis    {self.start(self.redis_server(), adopt_external=True):8} {self.settings.redis.url}")
-        milvus = self.start(self.milvus(), adopt_external=True)
+        try:
+            milvus = self.start(self.milvus(), adopt_external=True)
+        except StackError as exc:
+            # Seen once on a fresh state folder: the first start hung before its proxy came up;
+            # the same command then started in seconds. One retry, then give up loudly.
+            echo(f"milvus   retrying ({exc})")
+            milvus = self.start(self.milvus(), adopt_external=True)
         echo(f"milvus   {milvus:8} {self.settings.milvus.uri} ({self.settings.stack.milvus_backend})")
         created = ensure_topics(self.settings)
         echo(f"topics   {'created ' + ', '.join(created) if created else 'present'}")
