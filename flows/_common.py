@@ -136,6 +136,20 @@ def read_records(flow: Dataflow, flow_name: str, settings: Settings, io: FlowIO,
     return op.map("record", ok_or_dead.trues, lambda r: r[1])  # (topic, record)
 
 
+class PartitionPerWorker(DynamicSink[Any]):
+    """A sink whose every worker writes through its own ``partition(settings)``.
+
+    Every sink of the flows has this shape; the partition class says what it writes.
+    """
+
+    def __init__(self, settings: Settings, partition: Callable[[Settings], StatelessSinkPartition[Any]]) -> None:
+        self.settings = settings
+        self.partition = partition
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> StatelessSinkPartition[Any]:
+        return self.partition(self.settings)
+
+
 class _StatsPartition(StatelessSinkPartition[Any]):
     def __init__(self, client: redis.Redis, key: str) -> None:
         self.client = client

@@ -41,10 +41,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import StatelessSinkPartition
 
 from flows._common import (
     FlowIO,
+    PartitionPerWorker,
     dead_letter_sink,
     ensure_recovery_dir,
     kafka_source,
@@ -167,6 +168,8 @@ def archive_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
 
 
 class _ArchivePartition(StatelessSinkPartition[Any]):
+    """Rows of one worker -> Parquet files by date (see the module docstring)."""
+
     def __init__(self, settings: Settings) -> None:
         self.fs, self.root = archive_filesystem(settings.features.archive_url)
 
@@ -201,19 +204,11 @@ class _ArchivePartition(StatelessSinkPartition[Any]):
             self.fs.move(tmp, f"{folder}/{name}")
 
 
-class ArchiveSink(DynamicSink[Any]):
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _ArchivePartition:
-        return _ArchivePartition(self.settings)
-
-
 # -- the dataflow -------------------------------------------------------------------------
 def default_io(settings: Settings, tail: bool = True) -> FlowIO:
     topics = [settings.topic(Topics.INTERACTIONS), settings.topic(Topics.IMPRESSIONS)]
     return FlowIO(source=kafka_source(settings, topics, tail=tail), dead_letters=dead_letter_sink(settings),
-                  outputs={"archive": ArchiveSink(settings)})
+                  outputs={"archive": PartitionPerWorker(settings, _ArchivePartition)})
 
 
 def build_flow(settings: Settings | None = None, io: FlowIO | None = None, tail: bool = True) -> Dataflow:

@@ -26,10 +26,11 @@ import logging
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import StatelessSinkPartition
 
 from flows._common import (
     FlowIO,
+    PartitionPerWorker,
     dead_letter_sink,
     kafka_source,
     read_records,
@@ -43,6 +44,8 @@ FLOW_NAME = "catalog"
 
 
 class _MilvusItemsPartition(StatelessSinkPartition[ItemRecord]):
+    """ItemRecord -> item tower -> upsert (or delete) in the live version's collection."""
+
     def __init__(self, settings: Settings) -> None:
         from infra.milvus import connect
         from model.registry import LiveModel
@@ -70,21 +73,11 @@ class _MilvusItemsPartition(StatelessSinkPartition[ItemRecord]):
         self.client.close()
 
 
-class MilvusItemSink(DynamicSink[ItemRecord]):
-    """ItemRecord -> item tower -> upsert (or delete) in the live version's collection."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _MilvusItemsPartition:
-        return _MilvusItemsPartition(self.settings)
-
-
 def default_io(settings: Settings, tail: bool = True) -> FlowIO:
     return FlowIO(
         source=kafka_source(settings, [settings.topic(Topics.CATALOG_ITEMS)], tail=tail),
         dead_letters=dead_letter_sink(settings),
-        outputs={"items": MilvusItemSink(settings)},
+        outputs={"items": PartitionPerWorker(settings, _MilvusItemsPartition)},
     )
 
 

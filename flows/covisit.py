@@ -38,10 +38,11 @@ from typing import Any
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import StatelessSinkPartition
 
 from flows._common import (
     FlowIO,
+    PartitionPerWorker,
     dead_letter_sink,
     ensure_recovery_dir,
     kafka_source,
@@ -193,6 +194,8 @@ class NeighbourLogic(StatefulBatchLogic[Any, Any, Neighbours]):
 
 
 class _NeighbourPartition(StatelessSinkPartition[Any]):
+    """(item, [(neighbour, score)]) -> the item's neighbour ZSET, replaced whole."""
+
     def __init__(self, settings: Settings) -> None:
         self.keys = settings.keys
         self.client = redis_client(settings)
@@ -211,19 +214,9 @@ class _NeighbourPartition(StatelessSinkPartition[Any]):
         self.client.close()
 
 
-class NeighbourSink(DynamicSink[Any]):
-    """(item, [(neighbour, score)]) -> the item's neighbour ZSET, replaced whole."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _NeighbourPartition:
-        return _NeighbourPartition(self.settings)
-
-
 def default_io(settings: Settings, tail: bool = True) -> FlowIO:
     return FlowIO(source=kafka_source(settings, [settings.topic(Topics.INTERACTIONS)], tail=tail),
-                  dead_letters=dead_letter_sink(settings), outputs={"neighbours": NeighbourSink(settings)})
+                  dead_letters=dead_letter_sink(settings), outputs={"neighbours": PartitionPerWorker(settings, _NeighbourPartition)})
 
 
 def build_flow(settings: Settings | None = None, io: FlowIO | None = None, tail: bool = True) -> Dataflow:

@@ -54,6 +54,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from flows._common import (
     FlowIO,
+    PartitionPerWorker,
     WriteLoad,
     dead_letter_sink,
     ensure_recovery_dir,
@@ -448,11 +449,11 @@ class UserLogic(StatefulBatchLogic[Any, Any, UserState]):
 
 # -- the dataflow ------------------------------------------------------------------
 def default_io(settings: Settings, tail: bool = True) -> FlowIO:
-    from flows.sinks import FeatureSink
+    from flows.sinks import FeaturePartition
 
     topics = [settings.topic(t) for t in (Topics.INTERACTIONS, Topics.CATALOG_ITEMS, Topics.CATALOG_USERS)]
     return FlowIO(source=kafka_source(settings, topics, tail=tail), dead_letters=dead_letter_sink(settings),
-                  outputs={"features": FeatureSink(settings)})
+                  outputs={"features": PartitionPerWorker(settings, FeaturePartition)})
 
 
 def build_flow(settings: Settings | None = None, io: FlowIO | None = None, tail: bool = True) -> Dataflow:

@@ -25,10 +25,11 @@ from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import StatelessSinkPartition
 
 from flows._common import (
     FlowIO,
+    PartitionPerWorker,
     dead_letter_sink,
     ensure_recovery_dir,
     kafka_source,
@@ -75,6 +76,8 @@ def merge_events(ctx: UserContext, events: list[InteractionEvent]) -> UserContex
 
 
 class _RecomputePartition(StatelessSinkPartition[Any]):
+    """(user_id, [events]) -> recompute and cache the user's lists."""
+
     def __init__(self, settings: Settings) -> None:
         from serving.pipeline.factory import build_recommender
 
@@ -114,17 +117,9 @@ def _copy(ctx: UserContext) -> UserContext:
                           "recent": list(ctx.recent), "consumed": set(ctx.consumed), "skipped": set(ctx.skipped)})
 
 
-class RecomputeSink(DynamicSink[Any]):
-    """(user_id, [events]) -> recompute and cache the user's lists."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _RecomputePartition:
-        return _RecomputePartition(self.settings)
-
-
 class _ExposurePartition(StatelessSinkPartition[Any]):
+    """ImpressionRecord -> daily exposure counts, once per request_id."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.client = redis_client(settings)
@@ -142,18 +137,10 @@ class _ExposurePartition(StatelessSinkPartition[Any]):
         self.client.close()
 
 
-class ExposureSink(DynamicSink[Any]):
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _ExposurePartition:
-        return _ExposurePartition(self.settings)
-
-
 def default_io(settings: Settings, tail: bool = True) -> FlowIO:
     topics = [settings.topic(Topics.INTERACTIONS), settings.topic(Topics.IMPRESSIONS)]
     return FlowIO(source=kafka_source(settings, topics, tail=tail), dead_letters=dead_letter_sink(settings),
-                  outputs={"recompute": RecomputeSink(settings), "exposure": ExposureSink(settings)})
+                  outputs={"recompute": PartitionPerWorker(settings, _RecomputePartition), "exposure": PartitionPerWorker(settings, _ExposurePartition)})
 
 
 def build_flow(settings: Settings | None = None, io: FlowIO | None = None, tail: bool = True) -> Dataflow:

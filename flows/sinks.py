@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import StatelessSinkPartition
 
 from flows._common import WriteLoad, redis_client
 from schemas.catalog import UserProfile
@@ -68,7 +68,9 @@ def profile_row(profile: UserProfile) -> dict[str, Any]:
     }
 
 
-class _FeaturePartition(StatelessSinkPartition[Any]):
+class FeaturePartition(StatelessSinkPartition[Any]):
+    """Each worker writes its own keys; all writes are idempotent overwrites."""
+
     def __init__(self, settings: Settings) -> None:
         from feature_repo.store import OnlineWriter
 
@@ -135,12 +137,3 @@ class _FeaturePartition(StatelessSinkPartition[Any]):
     def close(self) -> None:
         self.client.close()
 
-
-class FeatureSink(DynamicSink[Any]):
-    """Each worker writes its own keys; all writes are idempotent overwrites."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _FeaturePartition:
-        return _FeaturePartition(self.settings)
