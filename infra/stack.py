@@ -277,6 +277,15 @@ class EmbeddedStack:
             pass
         return True
 
+    def start_milvus(self, echo: Callable[[str], None] = print) -> str:
+        """Start (or adopt) Milvus, retrying once: a start right after another Milvus stopped
+        was seen to hang before its proxy came up; the same command then started in seconds."""
+        try:
+            return self.start(self.milvus(), adopt_external=True)
+        except StackError as exc:
+            echo(f"milvus   retrying ({exc})")
+            return self.start(self.milvus(), adopt_external=True)
+
     def start_services(self, echo: Callable[[str], None] = print) -> None:
         """Broker, Redis (unless one answers), Milvus and the topics."""
         from infra.kafka import ensure_topics
@@ -286,13 +295,7 @@ class EmbeddedStack:
             (self.state / "broker.run-id").write_text(uuid.uuid4().hex)
         echo(f"broker   {state:8} {self.settings.kafka.bootstrap_servers}")
         echo(f"redis    {self.start(self.redis_server(), adopt_external=True):8} {self.settings.redis.url}")
-        try:
-            milvus = self.start(self.milvus(), adopt_external=True)
-        except StackError as exc:
-            # Seen once on a fresh state folder: the first start hung before its proxy came up;
-            # the same command then started in seconds. One retry, then give up loudly.
-            echo(f"milvus   retrying ({exc})")
-            milvus = self.start(self.milvus(), adopt_external=True)
+        milvus = self.start_milvus(echo)
         echo(f"milvus   {milvus:8} {self.settings.milvus.uri} ({self.settings.stack.milvus_backend})")
         created = ensure_topics(self.settings)
         echo(f"topics   {'created ' + ', '.join(created) if created else 'present'}")

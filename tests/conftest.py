@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from infra.kafka import ensure_topics
-from infra.stack import EmbeddedStack
+from infra.stack import MILVUS, REDIS, EmbeddedStack
 from serving.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +49,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
     stack = EmbeddedStack(settings)
     stack.start(stack.broker())
     started = [stack.broker().name]
-    for component in (stack.redis_server(), stack.milvus()):
-        if stack.start(component, adopt_external=True) == "started":
-            started.append(component.name)
+    if stack.start(stack.redis_server(), adopt_external=True) == "started":
+        started.append(REDIS)
+    if stack.start_milvus() == "started":
+        started.append(MILVUS)
     yield stack
     for name in started:
         stack.stop(name)
