@@ -86,3 +86,36 @@ def test_save_and_load_give_the_same_vectors(trained, tmp_path) -> None:
     np.testing.assert_allclose(loaded.encode_items(items[:5]), model.encode_items(items[:5]), atol=1e-6)
     ctx = UserContext(user_id="u", recent=[("i00", "like", 0.0)], region="eu")
     np.testing.assert_allclose(loaded.encode_user(ctx), model.encode_user(ctx), atol=1e-6)
+
+
+def skewed_log(n_users: int = 80, per_user: int = 20, seed: int = 1):
+    """Genre-loyal users who pick items within their genre with Zipf-like popularity."""
+    rng = np.random.default_rng(seed)
+    items, users, _ = synthetic_log(n_users=1, per_user=1)
+    users = {f"u{u}": UserProfile(user_id=f"u{u}", region="eu", language="en") for u in range(n_users)}
+    weights = 1.0 / np.arange(1, 26)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    events = [
+        InteractionEvent(event_id=f"e{u}-{step}", user_id=f"u{u}",
+                         item_id=f"i{u % len(GENRES)}{rng.choice(25, p=weights / weights.sum())}",
+                         interaction_type="watch", timestamp=start + timedelta(minutes=u * 100 + step))
+        for u in range(n_users) for step in range(per_user)
+    ]
+    return items, users, events
+
+
+def test_popularity_prior_moves_popular_items_up() -> None:
+    items, users, events = skewed_log()
+    counts = {i.item_id: 0 for i in items}
+    for event in events:
+        counts[event.item_id] += 1
+    log_pop = np.log1p([counts[i.item_id] for i in items])
+
+    def popularity_correlation(prior: float) -> float:
+        config = ModelSettings(epochs=6, batch_size=128, dim=16, history_len=10, popularity_prior=prior)
+        model = train_two_tower(events, items, users, config)
+        vectors = model.encode_items(items)
+        user = model.encode_user(UserContext(user_id="new", region="eu"))  # profile only
+        return float(np.corrcoef(vectors @ user, log_pop)[0, 1])
+
+    assert popularity_correlation(2.0) > popularity_correlation(0.0) + 0.1
