@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas._base import Identifier, Record, ShortText
 from schemas.catalog import AgeBucket, ItemRecord, MaturityRating, UserPreferences, UserStatus
@@ -74,6 +74,30 @@ class RecommendationRequest(Record):
     surface: Surface = Surface.homepage
     context: RecommendationContext = Field(default_factory=RecommendationContext)
     limit: int = Field(default=10, ge=1, le=MAX_LIMIT)
+
+
+class RecommendationQuery(BaseModel):
+    """The query string of GET /recommendations: the request's fields, flat.
+
+    One model instead of six separate parameters: FastAPI validates it in one
+    pass (its per-parameter machinery was the largest cost of a cached request).
+    Unknown parameters are ignored, as they would be without a model.
+    """
+
+    model_config = ConfigDict(str_strip_whitespace=True)
+
+    user_id: Identifier
+    surface: Surface = Surface.homepage
+    limit: int = Field(default=10, ge=1, le=MAX_LIMIT)
+    current_item_id: Identifier | None = None
+    device: Device | None = None
+    region: ShortText | None = None
+
+    def to_request(self) -> RecommendationRequest:
+        return RecommendationRequest(
+            user_id=self.user_id, surface=self.surface, limit=self.limit,
+            context=RecommendationContext(current_item_id=self.current_item_id, device=self.device, region=self.region),
+        )
 
 
 class RecommendedItem(Record):

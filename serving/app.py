@@ -25,7 +25,7 @@ from serving.pipeline.service import Recommender
 from serving.publisher import EventPublisher
 from serving.routes import apikeys, catalog, features, health, interactions, recommendations
 from serving.routes import models as model_routes
-from serving.security import ApiKeyAuthenticator, protected
+from serving.security import ApiKeyAuthenticator, document_security, protected
 from serving.shedding import LoadShedder
 
 log = logging.getLogger(__name__)
@@ -117,14 +117,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # The access policy, in one place: which API key scope each router needs
     # (admin holds every scope). /healthz, /readyz and /metrics stay open.
+    # Routes are matched in this order: the hottest ones first.
+    app.include_router(recommendations.router, **protected(ApiScope.recs_read))
+    app.include_router(interactions.router, **protected(ApiScope.events_write))
     app.include_router(health.router)
     app.include_router(metrics.router)
-    app.include_router(interactions.router, **protected(ApiScope.events_write))
     app.include_router(catalog.router, **protected(ApiScope.catalog_write))
     app.include_router(features.router, **protected(ApiScope.admin))
-    app.include_router(recommendations.router, **protected(ApiScope.recs_read))
     app.include_router(model_routes.router, **protected(ApiScope.admin))
     app.include_router(apikeys.router, **protected(ApiScope.admin))
+    document_security(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
     # Overload: refuse low-priority surfaces first, before any auth or body parsing.
     app.add_middleware(LoadShedder, max_in_flight=settings.security.shed_max_in_flight,

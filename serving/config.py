@@ -27,6 +27,9 @@ class KafkaSettings(BaseModel):
     produce_timeout_s: float = 3.0
     # librdkafka batching: small linger keeps p50 low, concurrency still batches.
     linger_ms: int = 2
+    # Linger of the producer for best-effort records (impressions, dead letters):
+    # batching them saves CPU on every served list; they reach the log this much later.
+    best_effort_linger_ms: int = Field(default=50, ge=0, le=1000)
 
 
 class RedisSettings(BaseModel):
@@ -74,6 +77,12 @@ class SecuritySettings(BaseModel):
     # Token bucket for keys created without --rate/--burst.
     default_rate_per_s: float = 50.0
     default_burst: int = 100
+    # Token leases (serving/security.py): a replica takes up to this share of a
+    # key's rate (or burst, if smaller) from the shared Redis bucket at once and
+    # spends it locally for at most rate_limit_lease_s. Bounds what one replica
+    # can over-admit; keys whose share is under 2 tokens stay exact. 0: exact.
+    rate_limit_lease_fraction: float = Field(default=0.02, ge=0, le=0.5)
+    rate_limit_lease_s: float = Field(default=0.25, gt=0, le=5)
     # Load shedding: requests being handled at once in this process before the
     # lowest-priority requests are refused (503 + Retry-After). 0 turns it off.
     shed_max_in_flight: int = 64

@@ -217,11 +217,18 @@ class Recommender:
         ctx = UserContext(user_id=request.user_id, surface=request.surface.value, limit=request.limit,
                           region=entry.get("region"), age_bucket=entry.get("age_bucket"),
                           current_item_id=entry.get("current_item_id"))
-        page = [Candidate(item_id=i, score=s, reasons=list(r)) for i, s, r in entry["items"]
-                if self.policy.allowed(i, items.get(i), ctx) is None]
+        # The hard filters run on the cached order until the page is full (placements may
+        # take slots): a list cached at cache_size costs ~limit checks, not cache_size.
+        need = request.limit + len(self.policy.placement_ids)
+        page: list[Candidate] = []
+        for i, s, r in entry["items"]:
+            if self.policy.allowed(i, items.get(i), ctx) is None:
+                page.append(Candidate(item_id=i, score=s, reasons=list(r)))
+                if len(page) >= need:
+                    break
         page = self.policy.place(page, items, ctx)
         self._observe("cache", time.perf_counter() - t0)
-        if len(page) < min(request.limit, len(ids)) or len(page) < request.limit:
+        if len(page) < request.limit:
             # Something in the list went away (deleted, blocked): recompute in the background.
             self._revalidate(request)
         stale = time.time() > entry["fresh_until"] or entry["dirty"]
@@ -343,9 +350,11 @@ class Recommender:
     def _log_impressions(self, request: RecommendationRequest, response: RecommendationResponse) -> None:
         if self._publish is None or not response.recommendations:
             return
-        record = ImpressionRecord(
+        # Built from values that were validated on the way in (request) or made here: no re-validation.
+        record = ImpressionRecord.model_construct(
             request_id=response.request_id, user_id=request.user_id, surface=request.surface,
             item_ids=[r.item_id for r in response.recommendations], scores=[r.score for r in response.recommendations],
             served_from=response.served_from, device=request.context.device, region=request.context.region,
+            timestamp=response.generated_at,
         )
         self._publish(self.settings.topic(Topics.IMPRESSIONS), request.user_id, record.to_json())

@@ -5,18 +5,17 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from schemas._base import Identifier
 from schemas.api import (
-    MAX_LIMIT,
     CachedRecommendationsResponse,
     ErrorResponse,
-    RecommendationContext,
+    RecommendationQuery,
     RecommendationRequest,
     RecommendationResponse,
 )
-from schemas.events import Device, Surface
+from schemas.events import Surface
 from serving.errors import ApiError
 from serving.pipeline.service import Recommender
 
@@ -38,28 +37,22 @@ def _request_id(request: Request) -> str:
     return getattr(request.state, "request_id", None) or uuid.uuid4().hex
 
 
+def _json(response: RecommendationResponse) -> Response:
+    # The service built a valid RecommendationResponse; returning its JSON skips FastAPI's
+    # second validation of it against response_model (which still documents the shape).
+    return Response(content=response.model_dump_json(), media_type="application/json")
+
+
 @router.get("", response_model=RecommendationResponse, responses=_ERRORS)
-async def get_recommendations(
-    request: Request,
-    user_id: Annotated[Identifier, Query()],
-    surface: Surface = Surface.homepage,
-    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 10,
-    current_item_id: Annotated[Identifier | None, Query()] = None,
-    device: Device | None = None,
-    region: Annotated[str | None, Query(max_length=64)] = None,
-) -> RecommendationResponse:
+async def get_recommendations(request: Request, query: Annotated[RecommendationQuery, Query()]) -> Response:
     """Personalised list for a surface; ``served_from`` says whether it came from cache, live or a fallback."""
-    body = RecommendationRequest(
-        user_id=user_id, surface=surface, limit=limit,
-        context=RecommendationContext(current_item_id=current_item_id, device=device, region=region),
-    )
-    return await _recommender(request).recommend(body, _request_id(request))
+    return _json(await _recommender(request).recommend(query.to_request(), _request_id(request)))
 
 
 @router.post("", response_model=RecommendationResponse, responses=_ERRORS)
-async def post_recommendations(request: Request, body: RecommendationRequest) -> RecommendationResponse:
+async def post_recommendations(request: Request, body: RecommendationRequest) -> Response:
     """The spec's JSON request body form of GET /recommendations."""
-    return await _recommender(request).recommend(body, _request_id(request))
+    return _json(await _recommender(request).recommend(body, _request_id(request)))
 
 
 @router.get("/cached", response_model=CachedRecommendationsResponse,

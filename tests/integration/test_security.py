@@ -168,3 +168,58 @@ def test_admin_manages_keys_over_http(settings: Settings, api_key: str) -> None:
         assert missing.status_code == 404 and key_id in missing.json()["message"]
         bad = client.post("/admin/keys", json={"name": "x", "scopes": ["recs:write"]}, headers=admin)
         assert bad.status_code == 422 and bad.json()["details"][0]["field"].startswith("scopes")
+
+
+def _admit(settings: Settings, key: str, n: int) -> tuple[int, float, int]:
+    """Ask one authenticator ``n`` times in a row: (admitted, seconds taken, Redis script calls)."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from serving.security import ApiKeyAuthenticator, RateLimited
+
+    async def run() -> tuple[int, float, int]:
+        client = aioredis.Redis.from_url(settings.redis.url)
+        auth = ApiKeyAuthenticator(settings, client)
+        script, calls = auth._script, 0
+
+        async def counted(**kwargs):  # the real script, counted
+            nonlocal calls
+            calls += 1
+            return await script(**kwargs)
+
+        auth._script = counted
+        admitted, started = 0, time.monotonic()
+        for _ in range(n):
+            try:
+                await auth.authenticate(key, ApiScope.recs_read)
+                admitted += 1
+            except RateLimited:
+                pass
+        elapsed = time.monotonic() - started
+        await client.aclose()
+        return admitted, elapsed, calls
+
+    return asyncio.run(run())
+
+
+def test_token_lease_spares_round_trips_but_the_shared_bucket_still_holds(settings: Settings) -> None:
+    settings.security.rate_limit_lease_fraction = 0.02
+    key, _ = create_key(settings, "fast", [ApiScope.recs_read], rate_per_s=500, burst=500)
+    # Well inside the burst: the first request reads the record, then leases of 10 tokens (2%).
+    admitted, _, calls = _admit(settings, key, 100)
+    assert admitted == 100
+    assert calls <= 1 + 100 // 10 + 1
+    # Far over the limit: leases come out of the one shared bucket, so what is admitted is
+    # bounded by the ~400 tokens left, the refill while asking and one lease per authenticator.
+    admitted, elapsed, _ = _admit(settings, key, 1_500)
+    assert admitted < 1_500
+    assert admitted <= 400 + 500 * elapsed + 10 + 1
+
+
+def test_small_limits_stay_exact_under_leases(settings: Settings) -> None:
+    settings.security.rate_limit_lease_fraction = 0.02
+    key, _ = create_key(settings, "small", [ApiScope.recs_read], rate_per_s=0.5, burst=5)
+    admitted, _, calls = _admit(settings, key, 20)
+    assert admitted == 5  # 2% of 0.5/s is under two tokens: no lease, every request is charged
+    assert calls == 20
