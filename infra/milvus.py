@@ -195,20 +195,21 @@ class MilvusItemIndex:
                         raise
         return self._client
 
-    def search(self, vector: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[tuple[str, float]]:
+    def search(self, vector: np.ndarray, k: int, flt: SearchFilter | None = None,
+               timeout_s: float | None = None) -> list[tuple[str, float]]:
         """Top-k (item_id, inner product) for one query vector."""
-        return self.search_many([vector], k, flt)[0]
+        return self.search_many([vector], k, flt, timeout_s)[0]
 
-    def search_many(self, vectors: Sequence[np.ndarray], k: int,
-                    flt: SearchFilter | None = None) -> list[list[tuple[str, float]]]:
-        """Top-k for several query vectors in one round trip."""
+    def search_many(self, vectors: Sequence[np.ndarray], k: int, flt: SearchFilter | None = None,
+                    timeout_s: float | None = None) -> list[list[tuple[str, float]]]:
+        """Top-k for several query vectors in one round trip (gRPC deadline: timeout_s or milvus.timeout_s)."""
         flt = flt or SearchFilter()
         limit = k + len(flt.exclude)
         results = self.client().search(
             self.target, data=[np.asarray(v, dtype=np.float32).tolist() for v in vectors], limit=limit,
             filter=flt.expression(),
             search_params={"metric_type": "IP", "params": {"ef": max(self.settings.retrieval.ef_search, limit)}},
-            anns_field=VECTOR, timeout=self.settings.milvus.timeout_s,
+            anns_field=VECTOR, timeout=timeout_s or self.settings.milvus.timeout_s,
         )
         out = []
         for hits in results:
@@ -216,11 +217,11 @@ class MilvusItemIndex:
             out.append([(i, s) for i, s in pairs if i not in flt.exclude][:k])
         return out
 
-    def vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+    def vectors(self, item_ids: Sequence[str], timeout_s: float | None = None) -> dict[str, np.ndarray]:
         if not item_ids:
             return {}
         rows = self.client().get(self.target, ids=list(item_ids), output_fields=[VECTOR],
-                                 timeout=self.settings.milvus.timeout_s)
+                                 timeout=timeout_s or self.settings.milvus.timeout_s)
         return {str(r[PK]): np.asarray(r[VECTOR], dtype=np.float32) for r in rows}
 
     def close(self) -> None:

@@ -20,14 +20,17 @@ from serving.config import Settings
 
 
 class ItemIndex(Protocol):
+    """``timeout_s``: the caller's deadline for this one call (None: the backend's default)."""
+
     name: str
 
-    def search(self, vector: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[tuple[str, float]]: ...
+    def search(self, vector: np.ndarray, k: int, flt: SearchFilter | None = None,
+               timeout_s: float | None = None) -> list[tuple[str, float]]: ...
 
-    def search_many(self, vectors: Sequence[np.ndarray], k: int,
-                    flt: SearchFilter | None = None) -> list[list[tuple[str, float]]]: ...
+    def search_many(self, vectors: Sequence[np.ndarray], k: int, flt: SearchFilter | None = None,
+                    timeout_s: float | None = None) -> list[list[tuple[str, float]]]: ...
 
-    def vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
+    def vectors(self, item_ids: Sequence[str], timeout_s: float | None = None) -> dict[str, np.ndarray]: ...
 
 
 class Signals(Protocol):
@@ -67,7 +70,8 @@ class MemoryItemIndex:
             mask = fresh if mask is None else mask & fresh
         return mask
 
-    def search(self, vector: np.ndarray, k: int, flt: SearchFilter | None = None) -> list[tuple[str, float]]:
+    def search(self, vector: np.ndarray, k: int, flt: SearchFilter | None = None,
+               timeout_s: float | None = None) -> list[tuple[str, float]]:
         flt = flt or SearchFilter()
         scores = self.matrix @ np.asarray(vector, dtype=np.float32)
         mask = self._mask(flt)
@@ -83,11 +87,11 @@ class MemoryItemIndex:
         top = top[np.argsort(-scores[top], kind="stable")]
         return [(self.ids[j], float(scores[j])) for j in top if np.isfinite(scores[j])]
 
-    def search_many(self, vectors: Sequence[np.ndarray], k: int,
-                    flt: SearchFilter | None = None) -> list[list[tuple[str, float]]]:
-        return [self.search(v, k, flt) for v in vectors]
+    def search_many(self, vectors: Sequence[np.ndarray], k: int, flt: SearchFilter | None = None,
+                    timeout_s: float | None = None) -> list[list[tuple[str, float]]]:
+        return [self.search(v, k, flt, timeout_s) for v in vectors]
 
-    def vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+    def vectors(self, item_ids: Sequence[str], timeout_s: float | None = None) -> dict[str, np.ndarray]:
         return {i: self.matrix[self.position[i]] for i in item_ids if i in self.position}
 
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 SourceResult = list[tuple[str, float]]
 # Rank fusion constant: a candidate's merged score is sum(1 / (RRF_K + rank)) over its sources.
 RRF_K = 60
+# Sources that only read Redis signals: they run in their own thread pool, so searches that
+# overran their budget on a loaded index can never queue them out of theirs.
+SIGNAL_SOURCES = frozenset({"covisit", "trending_region", "trending"})
 
 
 @dataclass
@@ -50,6 +54,9 @@ class Request:
     seeds: list[str]
     exclude: frozenset[str]
     region: str | None
+    # Deadline of each index call (generate(): the source timeout, so a search that missed its
+    # budget frees its thread instead of holding it for milvus.timeout_s); None: backend default.
+    timeout_s: float | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -64,6 +71,7 @@ class CandidateGenerator:
         self.index = index
         self.signals = signals
         self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="candidates")
+        self.signals_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="candidates-signals")
         self.sources: dict[str, Callable[[Request, int], SourceResult]] = {
             "ann": self.ann,
             "item2item": self.item2item,
@@ -89,7 +97,7 @@ class CandidateGenerator:
         return k + min(len(request.exclude), 2 * k)
 
     def _search(self, request: Request, vector: np.ndarray, k: int, flt: SearchFilter) -> SourceResult:
-        hits = self.index.search(vector, self._overfetch(request, k), flt)
+        hits = self.index.search(vector, self._overfetch(request, k), flt, request.timeout_s)
         return [(i, s) for i, s in hits if i not in request.exclude][:k]
 
     # -- sources ------------------------------------------------------------------
@@ -99,14 +107,14 @@ class CandidateGenerator:
         return self._search(request, request.user_vector, k, SearchFilter(region=request.region))
 
     def item2item(self, request: Request, k: int) -> SourceResult:
-        vectors = self.index.vectors(request.seeds)
+        vectors = self.index.vectors(request.seeds, request.timeout_s)
         if not vectors:
             return []
         per_seed = max(1, k // len(vectors))
         merged: dict[str, float] = {}
         # One round trip for all seeds.
         for hits in self.index.search_many(list(vectors.values()), self._overfetch(request, per_seed),
-                                           SearchFilter(region=request.region)):
+                                           SearchFilter(region=request.region), request.timeout_s):
             for item_id, score in [(i, s) for i, s in hits if i not in request.exclude][:per_seed]:
                 merged[item_id] = max(score, merged.get(item_id, float("-inf")))
         return sorted(merged.items(), key=lambda kv: -kv[1])[:k]
@@ -178,16 +186,22 @@ class CandidateGenerator:
         return merge(results, max_candidates or self.config.max_candidates)
 
     async def generate(self, ctx: UserContext, quotas: dict[str, int] | None = None,
-                       max_candidates: int | None = None) -> list[Candidate]:
-        """All sources concurrently in threads, each under its timeout, the whole under the total budget."""
+                       max_candidates: int | None = None, trace: dict[str, Any] | None = None) -> list[Candidate]:
+        """All sources concurrently in threads, each under its timeout, the whole under the total budget.
+
+        ``trace``, when given, receives ``timings_ms`` and ``failed`` (source -> reason skipped).
+        """
         loop = asyncio.get_running_loop()
         # Inline, not in the pool: the user tower takes well under a millisecond, and a pool
         # still busy with earlier timed-out searches must not delay the start of this request.
         request = self.prepare(ctx)
+        request.timeout_s = self.config.source_timeout_s
         wanted = self._quotas(quotas)
         futures = {
-            name: asyncio.wait_for(loop.run_in_executor(self.executor, self._run_one, name, request, k),
-                                   timeout=self.config.source_timeout_s)
+            name: asyncio.wait_for(
+                loop.run_in_executor(self.signals_executor if name in SIGNAL_SOURCES else self.executor,
+                                     self._run_one, name, request, k),
+                timeout=self.config.source_timeout_s)
             for name, k in wanted.items()
         }
         tasks = {name: asyncio.ensure_future(f) for name, f in futures.items()}
@@ -205,6 +219,8 @@ class CandidateGenerator:
                 results[name] = task.result()
         for name, why in request.failed.items():
             log.warning("candidate_source_skipped source=%s user_id=%s reason=%s", name, ctx.user_id, why)
+        if trace is not None:
+            trace.update(timings_ms=dict(request.timings_ms), failed=dict(request.failed))
         return merge(results, max_candidates or self.config.max_candidates)
 
 

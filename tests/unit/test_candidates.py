@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import numpy as np
@@ -139,3 +140,44 @@ def test_a_hanging_source_is_cut_at_its_timeout() -> None:
     assert time.perf_counter() - started < 0.3
     ids = {c.item_id for c in candidates}
     assert "late" not in ids and "c" in ids and "b" in ids
+
+
+class DeadlineIndex(MemoryItemIndex):
+    """Records the deadline of each call; ``hang`` makes every search outlast any budget."""
+
+    def __init__(self, hang: float = 0.0) -> None:  # noqa: D107
+        items, vectors = catalog()
+        super().__init__(items, vectors, cold=[False] * len(items))
+        self.hang = hang
+        self.timeouts: list[float | None] = []
+
+    def search(self, vector, k, flt=None, timeout_s=None):
+        self.timeouts.append(timeout_s)
+        time.sleep(self.hang)
+        return super().search(vector, k, flt)
+
+    def vectors(self, item_ids, timeout_s=None):
+        self.timeouts.append(timeout_s)
+        return super().vectors(item_ids)
+
+
+def test_index_calls_carry_the_source_deadline_when_serving_only() -> None:
+    config = RetrievalSettings(source_timeout_s=0.07)
+    ctx = UserContext(user_id="u", recent=[("a", "click", 0.0)], consumed={"a"}, category_affinity={"Drama": 1.0})
+    index = DeadlineIndex()
+    asyncio.run(generator(config, index=index).generate(ctx))
+    assert index.timeouts and set(index.timeouts) == {0.07}
+    index.timeouts.clear()
+    generator(config, index=index).generate_sync(ctx)  # precompute flow: the backend's own timeout
+    assert index.timeouts and set(index.timeouts) == {None}
+
+
+def test_a_saturated_index_pool_does_not_starve_redis_sources() -> None:
+    # One index thread, searches that hang: without a separate pool, trending would queue behind them.
+    config = RetrievalSettings(source_timeout_s=0.05, total_timeout_s=0.15)
+    gen = CandidateGenerator(config, FixedModel, DeadlineIndex(hang=0.4),
+                             MemorySignals(trending={None: [("d", 9.0)]}),
+                             executor=ThreadPoolExecutor(1))
+    ctx = UserContext(user_id="u", recent=[("a", "click", 0.0)], consumed={"a"})
+    candidates = asyncio.run(gen.generate(ctx))
+    assert {c.item_id: set(c.sources) for c in candidates} == {"d": {"trending"}}
