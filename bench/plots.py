@@ -3,8 +3,8 @@
     python -m bench.plots [name ...]       # every result present when no name is given
 
 In: the JSON files the benchmarks save. Out: PNG files beside them (matplotlib,
-Agg backend, no display needed). quality, offline, latency and ingest have
-their own charts; any other result (freshness, retrieval, ...) gets a generic
+Agg backend, no display needed). quality, offline, latency, ingest and retrieval
+have their own charts; any other result (freshness, ...) gets a generic
 bar chart of its numeric latency/throughput/recall leaves, unless its module
 exposes ``plot(result, path)``.
 """
@@ -120,6 +120,33 @@ def plot_ingest(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_retrieval(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    sizes = result["sizes"]
+    labels = [f"{row['items']:,} items" for row in sizes]
+    sources = list(sizes[0]["per_source"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    groups = [*sources, "merged (1 in flight)", "merged (4 in flight)"]
+    series = {}
+    for label, row in zip(labels, sizes, strict=True):
+        merged = [row["merged"]["concurrency_1"], row["merged"]["concurrency_4"]]
+        for q in ("p50", "p99"):
+            series[f"{label} {q}"] = [row["per_source"][s][f"{q}_ms"] for s in sources] + [m[f"{q}_ms"] for m in merged]
+    _bars(left, groups, series, "ms", fmt="{:.0f}")
+    left.axhline(sizes[0]["merged"]["budget_ms"], color="grey", linestyle="--", linewidth=1)
+    left.tick_params(axis="x", labelsize=7)
+    left.set_title(f"candidate sources alone and merged; dashed: {sizes[0]['merged']['budget_ms']:.0f} ms budget")
+    keys = [k for k in sizes[0]["ann_recall"] if k.startswith("@")]
+    _bars(right, keys, {label: [row["ann_recall"][k] for k in keys] for label, row in zip(labels, sizes, strict=True)},
+          "recall vs exact")
+    right.set_ylim(0.8, 1.01)
+    right.set_title(f"ANN recall ({result['index']['index_type']} {result['index']['params']})", fontsize=8)
+    _stamp(fig, result)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 KEYWORDS = ("p50", "p90", "p99", "rps", "per_s", "recall", "lag", "_ms", "ratio", "qps", "build_s", "hr@", "ndcg")
 
 
@@ -165,6 +192,7 @@ def plot_generic(result: dict[str, Any], path: Path) -> None:
 
 PLOTTERS: dict[str, Callable[[dict[str, Any], Path], None]] = {
     "quality": plot_quality, "offline": plot_offline, "latency": plot_latency, "ingest": plot_ingest,
+    "retrieval": plot_retrieval,
 }
 
 
