@@ -131,6 +131,9 @@ class FeatureSettings(BaseModel):
     # Per-key micro-batch: a user or item writes at most once per interval, so a
     # hot key costs one Redis write per interval, not one per event. Bounds freshness.
     flush_interval_s: float = 0.2
+    # Under a backlog the interval stretches to twice the time a write takes (bigger
+    # batches, cheaper per row), never beyond this: the bound on freshness at full load.
+    flush_interval_max_s: float = 0.5
     # Events older than the entity's newest event by more than this still count in
     # totals and decayed scores, but not in windowed counts, trending or co-visitation.
     lateness_s: float = 3600.0
@@ -164,6 +167,10 @@ class FeatureSettings(BaseModel):
     archive_flush_s: float = 10.0
     # Messages a Kafka source partition reads per poll.
     kafka_batch_size: int = 1000
+    # How long the broker may hold a fetch waiting for data (fetch.wait.max.ms). The
+    # embedded broker holds it this long when little is waiting, so it adds up to this
+    # much latency per event; lower costs more idle fetch requests.
+    kafka_fetch_wait_ms: int = 20
     # Recovery partitions created on first start (>= the number of processes).
     recovery_partitions: int = 4
     # In-process cache of item features in the API reader (slow-changing metadata).
