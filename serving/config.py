@@ -227,13 +227,14 @@ class RetrievalSettings(BaseModel):
     collection_prefix: str = "items"
     serving_alias: str = "items_serving"
     # HNSW, chosen over IVF on 1M x 64 synthetic items, 2 cores (bench/retrieval.py, README):
-    # M=16/efConstruction=100 built in ~3 min (DESIGN.md: 4-5 min with 200) with recall@100
-    # >= 0.999 vs exact, also under the region filter, where IVF_FLAT (nlist 1024: ~3 min too;
-    # nlist 256: 30 s) lost 3-25% of filtered recall at nprobe 16-64.
+    # M=16/efConstruction=100 built in ~3-4 min (DESIGN.md: 4-5 min with 200); IVF_FLAT with
+    # nlist 1024 took as long and lost 3-22% of region+freshness-filtered recall@100 at nprobe
+    # 64-16 (nlist 256: 30 s, but 13-27% lost at nprobe 16-8), where HNSW kept 1.0.
     hnsw_m: int = 16
     hnsw_ef_construction: int = 100
-    # Search-time ef is max(ef_search, k): k=500 needs ef >= 500 (DESIGN.md). 128 vs 256 at 1M:
-    # recall@100 0.999 vs 1.0; region+freshness-filtered search p50 24 vs 39 ms.
+    # Search-time ef is max(ef_search, k): k=500 needs ef >= 500 (DESIGN.md). 128 (vs 256):
+    # region+freshness-filtered search p50 24 vs 39 ms at 1M; recall@100 vs exact 0.99
+    # (0.97-0.98 under the region filter) at 100k and 1M (bench/results/retrieval.json).
     ef_search: int = 128
     # Merged, de-duplicated candidates per request.
     max_candidates: int = 1000
