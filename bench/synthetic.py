@@ -227,7 +227,12 @@ def _index_matches(client: Any, name: str, settings: Settings) -> bool:
 def _wait_indexed(client: Any, name: str, n: int, timeout_s: float = 1800, settle_s: float = 600) -> float:
     """Wait until every row is indexed, then (up to settle_s) for compaction's re-indexing; returns the latter."""
     deadline = time.monotonic() + timeout_s
-    while int(client.describe_index(name, VECTOR).get("indexed_rows", 0)) < n:
+    while True:
+        info = client.describe_index(name, VECTOR)
+        if info.get("state") == "Failed":
+            raise RuntimeError(f"{name}: vector index build failed: {info}")
+        if int(info.get("indexed_rows", 0)) >= n and info.get("state", "Finished") == "Finished":
+            break
         if time.monotonic() > deadline:
             raise TimeoutError(f"{name}: vector index not built after {timeout_s:.0f} s")
         time.sleep(1.0)

@@ -181,3 +181,15 @@ def test_a_saturated_index_pool_does_not_starve_redis_sources() -> None:
     ctx = UserContext(user_id="u", recent=[("a", "click", 0.0)], consumed={"a"})
     candidates = asyncio.run(gen.generate(ctx))
     assert {c.item_id: set(c.sources) for c in candidates} == {"d": {"trending"}}
+
+
+def test_searches_cut_at_their_deadline_are_not_logged_as_pymilvus_errors(caplog) -> None:
+    import logging
+
+    import infra.milvus  # noqa: F401 (installs the filter)
+
+    logger = logging.getLogger("pymilvus.decorators")
+    with caplog.at_level(logging.ERROR, logger="pymilvus.decorators"):
+        logger.error("grpc RpcError: [search], <_InactiveRpcError: StatusCode.DEADLINE_EXCEEDED>\nTraceback: ...")
+        logger.error("grpc RpcError: [search], <_InactiveRpcError: StatusCode.UNAVAILABLE>")
+    assert [r.getMessage() for r in caplog.records] == ["grpc RpcError: [search], <_InactiveRpcError: StatusCode.UNAVAILABLE>"]
