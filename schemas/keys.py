@@ -47,6 +47,21 @@ class RedisKeys:
         """Counters a flow publishes (hash: name -> value), e.g. dead letters."""
         return f"{self.prefix}flow:stats:{flow}"
 
+    def log_progress(self, reader: str) -> str:
+        """Highest offset per "topic:partition" that ``reader`` produced ("producer") or read (a flow's name).
+
+        ZSET member -> offset; only ever raised (ZADD GT), so restarts and replicas cannot lower it.
+        """
+        return f"{self.prefix}progress:offsets:{reader}"
+
+    def log_progress_readers(self) -> str:
+        """The readers (producer, flow names) that noted progress (SET)."""
+        return f"{self.prefix}progress:readers"
+
+    def log_progress_time(self, reader: str) -> str:
+        """Newest record time per topic (epoch ms) that ``reader`` produced or read (ZSET, ZADD GT)."""
+        return f"{self.prefix}progress:time:{reader}"
+
     def api_key(self, key_hash: str) -> str:
         return f"{self.prefix}apikey:{key_hash}"
 

@@ -22,9 +22,11 @@ sums them, so one scrape sees the whole replica.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -127,10 +129,11 @@ FRESHNESS_SECONDS = Gauge(
     ["state"],
     multiprocess_mode="mostrecent",
 )
-FLOW_RECORDS = Counter(
-    "recsys_flow_records_total",
-    "Records a flow processed, by outcome.",
-    ["flow", "outcome"],  # ok | dead_letter
+FLOW_DEAD_LETTERS = Gauge(
+    "recsys_flow_dead_letters",
+    "Records a flow sent to the dead-letter topic since the start of the log (its recoverable count).",
+    ["flow"],
+    multiprocess_mode="mostrecent",
 )
 
 # --- live quality (from the impression and interaction logs) ------------------------
@@ -156,12 +159,21 @@ QUALITY_EXPOSURE_GINI = Gauge(
 # reading files its in-memory counters were never written to.
 _MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics() -> Response:
+async def metrics(request: Request) -> Response:
     """Every metric in the Prometheus text format (summed over workers in multiprocess mode)."""
+    from serving.lag import refresh_flow_gauges
+
+    try:
+        # Flow lag and freshness are read from both ends' progress notes at scrape time.
+        async with asyncio.timeout(1.0):
+            await refresh_flow_gauges(request.app.state.settings, request.app.state.redis)
+    except Exception as exc:  # noqa: BLE001 (the other metrics must still be served)
+        log.warning("flow_gauges_unavailable error=%r", exc)
     registry = REGISTRY
     if _MULTIPROC_DIR:
         registry = CollectorRegistry()

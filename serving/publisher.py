@@ -17,10 +17,11 @@ import threading
 import time
 from collections.abc import Sequence
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from infra.kafka import producer_config
 from serving.config import Settings
+from serving.lag import PRODUCER, ProgressRecorder
 from serving.metrics import PRODUCE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class EventPublisher:
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name="kafka-poll", daemon=True)
         self._poller.start()
+        self.progress = ProgressRecorder(settings, PRODUCER).start()
         self.produced = 0
         self.failed = 0
 
@@ -78,8 +80,12 @@ class EventPublisher:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[None]] = []
 
+        progress = self.progress
+
         def make_callback(future: asyncio.Future[None]):  # type: ignore[no-untyped-def]
-            def on_delivery(err: KafkaError | None, _msg: object) -> None:
+            def on_delivery(err: KafkaError | None, msg: Message) -> None:
+                if err is None:  # the producing end of the flow-lag measurement (serving/lag.py)
+                    progress.note(msg.topic(), msg.partition(), msg.offset(), time.time() * 1000)
                 loop.call_soon_threadsafe(_resolve, future, err)
 
             return on_delivery
@@ -132,6 +138,7 @@ class EventPublisher:
         self._best_effort.flush(timeout_s)
         self._stop.set()
         self._poller.join(timeout=1.0)
+        self.progress.stop()
 
     @staticmethod
     def _cancel(futures: list[asyncio.Future[None]]) -> None:
