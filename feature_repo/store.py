@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import re
+import struct
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,10 +22,8 @@ from urllib.parse import urlparse
 from feast import FeatureStore, FeatureView, RepoConfig
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-from feast.protos.feast.types.Value_pb2 import DoubleList, StringList
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Array, Float64, Int64, String
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from feature_repo import feature_definitions as defs
 from serving.config import Settings
@@ -82,40 +81,93 @@ def feature_store(settings: Settings, apply: bool = True) -> FeatureStore:
     return store
 
 
-def _value(dtype: Any, value: Any) -> ValueProto:
-    if value is None:
-        return ValueProto()
+# Feast's online store holds each feature as a serialized ValueProto. Building a
+# protobuf message per value was most of the sink's time, so the few shapes the
+# views use are encoded here byte for byte as protobuf does (a unit test compares
+# them with ValueProto(...).SerializeToString() value by value).
+_DOUBLE = struct.Struct("<d").pack
+_NULL = b""  # ValueProto() with no value set
+
+
+_SMALL = [bytes((n,)) for n in range(128)]
+
+
+def _varint(n: int) -> bytes:
+    if 0 <= n < 128:
+        return _SMALL[n]
+    if n < 0:
+        n += 1 << 64  # int64 two's complement, as protobuf writes it
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _string(value: Any) -> bytes:
+    raw = str(value).encode()
+    return b"\x12" + _varint(len(raw)) + raw  # field 2 (string_val), length-delimited
+
+
+def _int64(value: Any) -> bytes:
+    return b"\x20" + _varint(int(value))  # field 4 (int64_val), varint
+
+
+def _double(value: Any) -> bytes:
+    return b"\x29" + _DOUBLE(float(value))  # field 5 (double_val), 64-bit
+
+
+# Lists repeat the same strings (item ids, interaction types, categories) row after
+# row: their encoded element is remembered, bounded.
+_ELEMENTS: dict[str, bytes] = {}
+
+
+def _element(value: Any) -> bytes:
+    raw = str(value).encode()
+    encoded = b"\x0a" + _varint(len(raw)) + raw  # StringList.val (1)
+    if isinstance(value, str):
+        if len(_ELEMENTS) > 100_000:
+            _ELEMENTS.clear()
+        _ELEMENTS[value] = encoded
+    return encoded
+
+
+def _string_list(values: Any) -> bytes:
+    known = _ELEMENTS.get
+    inner = b"".join([known(v) or _element(v) if isinstance(v, str) else _element(v) for v in values])
+    return b"\x62" + _varint(len(inner)) + inner  # field 12 (string_list_val)
+
+
+def _double_list(values: Any) -> bytes:
+    if not values:
+        return b"\x7a\x00"
+    packed = struct.pack(f"<{len(values)}d", *values)
+    inner = b"\x0a" + _varint(len(packed)) + packed  # DoubleList.val (1), packed
+    return b"\x7a" + _varint(len(inner)) + inner  # field 15 (double_list_val)
+
+
+def timestamp_bytes(epoch_us: int) -> bytes:
+    """A serialized google.protobuf.Timestamp for a time in epoch microseconds."""
+    seconds, micros = divmod(epoch_us, 1_000_000)
+    return (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(micros * 1000) if micros else b"")
+
+
+def encoder(dtype: Any) -> Any:
+    """python value (None = unset) -> serialized ValueProto, for one Feast dtype."""
     if dtype == String:
-        return ValueProto(string_val=str(value))
-    if dtype == Int64:
-        return ValueProto(int64_val=int(value))
-    if dtype == Float64:
-        return ValueProto(double_val=float(value))
-    if dtype == Array(String):
-        return ValueProto(string_list_val=StringList(val=[str(v) for v in value]))
-    if dtype == Array(Float64):
-        return ValueProto(double_list_val=DoubleList(val=[float(v) for v in value]))
-    raise TypeError(f"no proto mapping for {dtype}")
-
-
-_NULL = ValueProto().SerializeToString()
-
-
-def _serializer(dtype: Any) -> Any:
-    """A fast python value -> serialized ValueProto function for one Feast dtype."""
-    if dtype == String:
-        make = lambda v: ValueProto(string_val=str(v))  # noqa: E731
+        encode = _string
     elif dtype == Int64:
-        make = lambda v: ValueProto(int64_val=int(v))  # noqa: E731
+        encode = _int64
     elif dtype == Float64:
-        make = lambda v: ValueProto(double_val=float(v))  # noqa: E731
+        encode = _double
     elif dtype == Array(String):
-        make = lambda v: ValueProto(string_list_val=StringList(val=[str(x) for x in v]))  # noqa: E731
+        encode = _string_list
     elif dtype == Array(Float64):
-        make = lambda v: ValueProto(double_list_val=DoubleList(val=[float(x) for x in v]))  # noqa: E731
+        encode = _double_list
     else:
         raise TypeError(f"no proto mapping for {dtype}")
-    return lambda v: _NULL if v is None else make(v).SerializeToString()
+    return lambda v: _NULL if v is None else encode(v)
 
 
 class OnlineWriter:
@@ -143,7 +195,7 @@ class OnlineWriter:
         self._ts_field: dict[str, str] = {}
         for view in defs.FEATURE_VIEWS:
             name = _versioned_fv_name(view, self.config)
-            self._fields[view.name] = [(f.name, _serializer(f.dtype), _mmh3(f"{name}:{f.name}"))
+            self._fields[view.name] = [(f.name, encoder(f.dtype), _mmh3(f"{name}:{f.name}"))
                                        for f in view.features]
             self._ts_field[view.name] = f"_ts:{name}"
         join_keys = {entity.name: entity.join_key for entity in defs.ENTITIES}
@@ -161,22 +213,33 @@ class OnlineWriter:
             self._keys[(join_key, entity_id)] = cached
         return cached  # type: ignore[no-any-return]
 
-    def write_many(self, batches: dict[str, list[tuple[str, dict[str, Any], datetime]]]) -> None:
-        """view name -> rows of (entity id, {feature: python value}, event timestamp), one round trip."""
+    def write_many(self, batches: dict[str, list[tuple[str, dict[str, Any], datetime | int]]]) -> None:
+        """view name -> rows of (entity id, {feature: python value}, event time), one round trip.
+
+        The event time is a datetime or an int of epoch microseconds.
+        """
         pipe = self.client.pipeline(transaction=False)
         for view_name, rows in batches.items():
             fields, ts_field = self._fields[view_name], self._ts_field[view_name]
             for entity_id, values, ts in rows:
-                stamp = Timestamp()
-                stamp.FromDatetime(ts)
-                mapping: dict[Any, bytes] = {ts_field: stamp.SerializeToString()}
-                for name, serialize, hashed in fields:
-                    mapping[hashed] = serialize(values.get(name))
+                epoch_us = ts if isinstance(ts, int) else _epoch_us(ts)
+                mapping: dict[Any, bytes] = {ts_field: timestamp_bytes(epoch_us)}
+                get = values.get
+                for name, encode, hashed in fields:
+                    mapping[hashed] = encode(get(name))
                 pipe.hset(self.entity_key(view_name, entity_id), mapping=mapping)
         pipe.execute()
 
     def write(self, view_name: str, rows: list[tuple[str, dict[str, Any], datetime]]) -> None:
         self.write_many({view_name: rows})
+
+
+def _epoch_us(ts: datetime) -> int:
+    delta = ts - _EPOCH if ts.tzinfo else ts - _EPOCH.replace(tzinfo=None)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def main(argv: list[str] | None = None) -> int:
