@@ -73,6 +73,10 @@ AFFINITY_WEIGHT = {"view": 1.0, "click": 2.0, "watch": 2.0, "like": 4.0, "skip":
 # How much one interaction makes an item "trending".
 TRENDING_WEIGHT = {"view": 1.0, "click": 1.0, "watch": 2.0, "like": 3.0}
 WINDOWS = (("1h", 3600, 300), ("24h", 86400, 3600), ("7d", 7 * 86400, 3600))  # name, span, bucket size
+# Bucket series by size, each kept for its longest window: the 24h and 7d windows
+# read the same hourly buckets, so an event updates two series, not three.
+SERIES = tuple((size, max(span for _, span, sz in WINDOWS if sz == size))
+               for size in sorted({size for _, _, size in WINDOWS}))
 STAT_INDEX = {"view": 0, "click": 1, "like": 2, "skip": 3}  # bucket slots; slot 4 = watch seconds
 STAT_NAMES = ("views", "clicks", "likes", "skips", "watch_seconds")
 # Event times kept per user to find the current session (its length is capped by this).
@@ -118,6 +122,9 @@ class DedupLogic(StatefulBatchLogic[Any, Any, DedupState]):
                 continue
             self.seen.add(record.event_id)
             state.ids.append(record.event_id)
+            # The same instant with the standard library's UTC: the parser's own tzinfo
+            # makes every later .timestamp() several times slower (two steps read it).
+            record.timestamp = record.timestamp.astimezone(UTC)
             if len(state.ids) > self.cfg.dedup_ids:
                 self.seen.discard(state.ids.popleft())
             out.append(("event", (record, record.region or state.region)))
@@ -135,14 +142,18 @@ class ItemState:
     counts: dict[str, int] = field(default_factory=dict)
     watch_seconds: float = 0.0
     watermark: float = 0.0
-    # window name -> bucket index -> [views, clicks, likes, skips, watch_seconds]
-    buckets: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+    # bucket size (s) -> bucket index -> [views, clicks, likes, skips, watch_seconds]
+    buckets: dict[int, dict[int, list[float]]] = field(default_factory=dict)
     # region ("" = global) -> ln(sum of w * exp(t / tau))
     trending: dict[str, float] = field(default_factory=dict)
     dirty_trending: set[str] = field(default_factory=set)
     newest_us: int = 0
     changes: int = 0
     dirty: bool = False
+    # The metadata view is written only when the catalog record changes, stamped with
+    # its updated_at (0 until one arrives): most flushes only move the stats.
+    meta_us: int = 0
+    meta_dirty: bool = False
 
     def bump(self, ts: float) -> None:
         self.newest_us = max(self.newest_us, int(ts * 1e6))
@@ -162,11 +173,8 @@ def item_document(state: ItemState, cfg: FeatureSettings) -> dict[str, Any]:
     windows: dict[str, dict[str, float]] = {}
     for name, span, size in WINDOWS:
         start = int((state.watermark - span) // size) + 1
-        sums = [0.0] * 5
-        for index, bucket in state.buckets.get(name, {}).items():
-            if index >= start:
-                for i in range(5):
-                    sums[i] += bucket[i]
+        inside = [bucket for index, bucket in state.buckets.get(size, {}).items() if index >= start]
+        sums = [float(sum(column)) for column in zip(*inside, strict=True)] if inside else [0.0] * 5
         windows[name] = dict(zip(STAT_NAMES, sums, strict=True))
     clicks, impressions = c.get("click", 0), c.get("impression", 0)
     return {
@@ -196,8 +204,11 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
 
     def __init__(self, cfg: FeatureSettings, state: ItemState | None) -> None:
         self.cfg = cfg
-        self.state = _restore(state) or ItemState("")
+        self.state = _restore(state) or ItemState("", meta_dirty=True)
         self.tau = cfg.trending_half_life_h * 3600 / math.log(2)
+        # (bucket size, how far behind the newest event buckets are kept, bucket count that triggers a trim)
+        self.series = [(size, span + cfg.lateness_s, span // size + cfg.lateness_s // size + 2)
+                       for size, span in SERIES]
         self.next_flush = flush_deadline_for(cfg) if self.state.dirty else None
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
@@ -208,6 +219,8 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
             if kind == "meta":
                 s.meta = _meta_from_record(record)
                 s.bump(record.updated_at.timestamp())
+                s.meta_us = round(record.updated_at.timestamp() * 1e6)
+                s.meta_dirty = True
             else:
                 event, region = record
                 self._apply(event, region)
@@ -218,39 +231,48 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
         return out, self.RETAIN
 
     def _apply(self, event: InteractionEvent, region: str | None) -> None:
-        s, cfg = self.state, self.cfg
+        s = self.state
         kind = str(event.interaction_type)
-        ts = _epoch(event.timestamp)
-        s.counts[kind] = s.counts.get(kind, 0) + 1
+        ts = event.timestamp.timestamp()
+        counts = s.counts
+        counts[kind] = counts.get(kind, 0) + 1
         seconds = event.interaction_value or 0.0 if kind == "watch" else 0.0
         s.watch_seconds += seconds
-        s.bump(ts)
-        s.watermark = max(s.watermark, ts)
+        s.newest_us = max(s.newest_us, int(ts * 1e6))
+        s.changes += 1
+        if ts > s.watermark:
+            s.watermark = ts
         # Windows are as of the item's newest event. Buckets are kept for span +
         # lateness behind it; an event older than that could never be inside a window
         # again (the newest time only grows), so skipping it keeps the result the same
         # in any arrival order. Partitions replaying at different speeds after a
         # restart therefore end on the same windows.
         slot = STAT_INDEX.get(kind)
-        for name, span, size in WINDOWS:
-            buckets = s.buckets.setdefault(name, {})
-            oldest = int((s.watermark - span - cfg.lateness_s) // size)
-            index = int(ts // size)
-            if (slot is not None or seconds) and index >= oldest:
-                bucket = buckets.setdefault(index, [0.0] * 5)
-                if slot is not None:
-                    bucket[slot] += 1
-                bucket[4] += seconds
-            if len(buckets) > span // size + cfg.lateness_s // size + 2:
-                for stale in [i for i in buckets if i < oldest]:
-                    del buckets[stale]
+        if slot is not None or seconds:
+            for size, keep_s, limit in self.series:
+                oldest = int((s.watermark - keep_s) // size)
+                index = int(ts // size)
+                buckets = s.buckets.get(size)
+                if buckets is None:
+                    buckets = s.buckets[size] = {}
+                if index >= oldest:
+                    bucket = buckets.get(index)
+                    if bucket is None:
+                        bucket = buckets[index] = [0.0] * 5
+                    if slot is not None:
+                        bucket[slot] += 1
+                    bucket[4] += seconds
+                if len(buckets) > limit:
+                    for stale in [i for i in buckets if i < oldest]:
+                        del buckets[stale]
         # Trending is a sum of w * exp(t / tau) (kept as a log): the same in any order.
         weight = TRENDING_WEIGHT.get(kind)
         if weight:
+            term = math.log(weight) + ts / self.tau
+            trending = s.trending
             for scope in ("", region) if region else ("",):
-                term = math.log(weight) + ts / self.tau
-                old = s.trending.get(scope)
-                s.trending[scope] = term if old is None else max(old, term) + math.log1p(math.exp(-abs(old - term)))
+                old = trending.get(scope)
+                trending[scope] = term if old is None else max(old, term) + math.log1p(math.exp(-abs(old - term)))
                 s.dirty_trending.add(scope)
 
     def _flush(self) -> list[Any]:
@@ -258,6 +280,9 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
         if not s.dirty:
             return []
         out: list[Any] = [("item", item_document(s, self.cfg))]
+        if s.meta_dirty:
+            out.append(("item_meta", (s.item_id, s.meta, s.meta_us)))
+            s.meta_dirty = False
         out.extend(("trending", (scope or None, (s.item_id, s.trending[scope])))
                    for scope in sorted(s.dirty_trending))
         s.dirty_trending.clear()
@@ -282,13 +307,18 @@ def flush_deadline_for(cfg: FeatureSettings) -> datetime:
     """The next flush tick. Ticks are aligned to multiples of the interval, so every
     dirty key flushes in the same activation and the sink gets one big batch per
     tick (a few Redis round trips) instead of many small ones."""
-    interval = max(cfg.flush_interval_s, 2 * WriteLoad.seconds)
+    interval = min(max(cfg.flush_interval_s, 2 * WriteLoad.seconds), max(cfg.flush_interval_max_s, cfg.flush_interval_s))
     return datetime.fromtimestamp((math.floor(time.time() / interval) + 1) * interval, UTC)
 
 
 def _restore(state: Any) -> Any:
     # Snapshots are pickled bytes: immutable, and far cheaper than copy.deepcopy.
-    return pickle.loads(state) if isinstance(state, bytes) else state
+    state = pickle.loads(state) if isinstance(state, bytes) else state
+    if isinstance(state, ItemState) and "7d" in state.buckets:
+        # Snapshots before the bucket series were shared: the 7d hourly buckets hold
+        # the 24h window's too, "1h" is the 5-minute series.
+        state.buckets = {300: state.buckets.get("1h", {}), 3600: state.buckets["7d"]}
+    return state
 
 
 # -- 3. user state ----------------------------------------------------------------
@@ -476,30 +506,36 @@ def build_flow(settings: Settings | None = None, io: FlowIO | None = None, tail:
     flow = Dataflow(FLOW_NAME)
     records = read_records(flow, FLOW_NAME, settings, io, models)  # (topic, record)
 
+    # Re-keying steps work on whole batches (one Python call per batch, not per
+    # event and step): the per-event glue between the stateful steps is most of a
+    # light event's cost otherwise.
     by_topic = op.branch("split_items", records, lambda tr: tr[0] == items)
-    item_meta = op.map("tag_item_meta", by_topic.trues, lambda tr: ("meta", tr[1]))
-    user_side = op.map("tag_user_side", by_topic.falses,
-                       lambda tr: ("event" if tr[0] == interactions else "profile", tr[1]))
+    item_meta = op.flat_map_batch("key_item_meta", by_topic.trues,
+                                  lambda batch: [(r.item_id, ("meta", r)) for _, r in batch])
+    user_side = op.flat_map_batch(
+        "key_by_user", by_topic.falses,
+        lambda batch: [(r.user_id, ("event" if t == interactions else "profile", r)) for t, r in batch])
 
-    deduped = op.stateful_batch("dedup_events", op.key_on("key_by_user", user_side, lambda kv: kv[1].user_id),
+    deduped = op.stateful_batch("dedup_events", user_side,  # type: ignore[arg-type]
                                 lambda state: DedupLogic(cfg, state))  # (user, ("event", (event, region)) | ("profile", p))
-    from_dedup = op.branch("split_profiles", op.map("drop_user_key", deduped, lambda kv: kv[1]),
-                           lambda kv: kv[0] == "profile")
-    profiles = op.map("profile_update", from_dedup.trues, lambda kv: ("profile", kv[1]))
+    from_dedup = op.branch("split_profiles", deduped, lambda kv: kv[1][0] == "profile")
+    profiles = op.flat_map_batch("profile_update", from_dedup.trues, lambda batch: [kv[1] for kv in batch])
+    events_by_item = op.flat_map_batch("key_by_item", from_dedup.falses,
+                                       lambda batch: [(v[1][0].item_id, v) for _, v in batch])
 
-    item_in = op.merge("item_inputs", item_meta, from_dedup.falses)
+    item_in = op.merge("item_inputs", item_meta, events_by_item)
     item_out = op.stateful_batch(
-        "item_state", op.key_on("key_by_item", item_in, _item_key), lambda state: ItemLogic(cfg, state)
+        "item_state", item_in, lambda state: ItemLogic(cfg, state)  # type: ignore[arg-type]
     )  # (item, ("enriched", (event, category)) | ("item", doc) | ("trending", (region, score)))
-    item_split = op.branch("split_enriched", op.map("drop_item_key", item_out, lambda kv: kv[1]),
-                           lambda kv: kv[0] == "enriched")
-    enriched = op.map("enriched_event", item_split.trues, lambda kv: kv[1])  # (event, category)
+    item_split = op.branch("split_enriched", item_out, lambda kv: kv[1][0] == "enriched")
+    enriched = op.flat_map_batch("key_enriched_by_user", item_split.trues,
+                                 lambda batch: [(v[1][0].user_id, v[1]) for _, v in batch])  # (user, (event, category))
     user_out = op.stateful_batch(
-        "user_state", op.key_on("key_enriched_by_user", enriched, lambda ec: ec[0].user_id),
-        lambda state: UserLogic(cfg, state),
+        "user_state", enriched, lambda state: UserLogic(cfg, state),  # type: ignore[arg-type]
     )  # (user, ("user", doc))
-    updates = op.merge("feature_updates", profiles, item_split.falses,
-                       op.map("drop_user_state_key", user_out, lambda kv: kv[1]))
+    updates = op.merge("feature_updates", profiles,
+                       op.flat_map_batch("drop_item_key", item_split.falses, lambda batch: [kv[1] for kv in batch]),
+                       op.flat_map_batch("drop_user_state_key", user_out, lambda batch: [kv[1] for kv in batch]))
     op.output("write_features", updates, io.outputs["features"])
     return flow
 

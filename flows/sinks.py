@@ -1,6 +1,7 @@
 """The feature sink: flushed feature documents -> compact Redis keys, trending ZSETs and Feast.
 
 In:  ("profile", UserProfile) | ("user", UserFeatures doc) | ("item", ItemFeatures doc)
+     | ("item_meta", (item_id, metadata, catalog updated_at in epoch µs)), on change only
      | ("trending", (region | None, score)), in micro-batches from flows/features.
 Out: one Redis pipeline per batch (SET documents, ZADD trending, trim to the
      configured size) and one Feast ``online_write_batch`` per feature view.
@@ -46,17 +47,22 @@ def user_rows(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def item_rows(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """An ItemFeatures doc -> Feast view name -> feature values."""
+def item_stats_row(doc: dict[str, Any]) -> dict[str, Any]:
+    """An ItemFeatures doc -> the item_stats feature values."""
     stats = {name: doc[name] for name in ("views", "clicks", "watches", "likes", "skips", "impressions",
                                           "watch_seconds", "ctr", "trending_score", "stats_as_of")}
     for window, values in doc["windows"].items():
         for stat, value in values.items():
             stats[f"{stat}_{window}"] = value
-    meta = {name: doc.get(name) for name in ("category", "tags", "language", "status", "published_at",
+    return stats
+
+
+def item_metadata_row(meta: dict[str, Any]) -> dict[str, Any]:
+    """An item's metadata (ItemFeatures fields from the catalog) -> the item_metadata feature values."""
+    row = {name: meta.get(name) for name in ("category", "tags", "language", "status", "published_at",
                                              "maturity_rating")}
-    meta["regions"] = doc.get("regions") or []
-    return {"item_metadata": meta, "item_stats": stats}
+    row["regions"] = meta.get("regions") or []
+    return row
 
 
 def profile_row(profile: UserProfile) -> dict[str, Any]:
@@ -90,12 +96,15 @@ class FeaturePartition(StatelessSinkPartition[Any]):
         users: dict[str, dict[str, Any]] = {}
         items_: dict[str, dict[str, Any]] = {}
         profiles: dict[str, UserProfile] = {}
+        metas: dict[str, tuple[dict[str, Any], int]] = {}
         trending: dict[str | None, dict[str, float]] = {}
         for kind, payload in items:
             if kind == "user":
                 users[payload["user_id"]] = payload
             elif kind == "item":
                 items_[payload["item_id"]] = payload
+            elif kind == "item_meta":
+                metas[payload[0]] = (payload[1], payload[2])
             elif kind == "profile":
                 profiles[payload.user_id] = payload
             elif kind == "trending":
@@ -115,24 +124,27 @@ class FeaturePartition(StatelessSinkPartition[Any]):
             # Keep the top `keep` (plus slack so a trim is not needed on every batch).
             pipe.zremrangebyrank(key, 0, -(keep + 1))
         pipe.execute()
-        self._write_feast(users, items_, profiles)
+        self._write_feast(users, items_, metas, profiles)
         self.writes += len(users) + len(items_) + len(profiles)
 
     def _write_feast(self, users: dict[str, dict[str, Any]], items: dict[str, dict[str, Any]],
-                     profiles: dict[str, UserProfile]) -> None:
-        rows: dict[str, list[tuple[str, dict[str, Any], datetime]]] = {}
+                     metas: dict[str, tuple[dict[str, Any], int]], profiles: dict[str, UserProfile]) -> None:
+        rows: dict[str, list[tuple[str, dict[str, Any], datetime | int]]] = {}
+        short, long = rows.setdefault("user_short_term", []), rows.setdefault("user_long_term", [])
         for user_id, doc in users.items():
             ts = _ts(doc["updated_at"])
-            for view, values in user_rows(doc).items():
-                rows.setdefault(view, []).append((user_id, values, ts))
+            views = user_rows(doc)
+            short.append((user_id, views["user_short_term"], ts))
+            long.append((user_id, views["user_long_term"], ts))
+        stats = rows.setdefault("item_stats", [])
         for item_id, doc in items.items():
-            ts = _ts(doc["updated_at"])
-            for view, values in item_rows(doc).items():
-                rows.setdefault(view, []).append((item_id, values, ts))
-        for user_id, profile in profiles.items():
-            rows.setdefault("user_profile", []).append((user_id, profile_row(profile),
-                                                        profile.updated_at.astimezone(UTC)))
-        self.feast.write_many(rows)
+            stats.append((item_id, item_stats_row(doc), _ts(doc["updated_at"])))
+        # Metadata rows are stamped with the catalog record's time: the same in every replay.
+        rows["item_metadata"] = [(item_id, item_metadata_row(meta), meta_us)
+                                 for item_id, (meta, meta_us) in metas.items()]
+        rows["user_profile"] = [(user_id, profile_row(profile), profile.updated_at.astimezone(UTC))
+                                for user_id, profile in profiles.items()]
+        self.feast.write_many({view: batch for view, batch in rows.items() if batch})
 
     def close(self) -> None:
         self.client.close()

@@ -7,8 +7,19 @@ import random
 
 import pytest
 
+from flows._common import WriteLoad
 from flows.covisit import Neighbours, top_neighbours
-from flows.features import DedupLogic, ItemLogic, UserLogic, item_document, session, user_document
+from flows.features import (
+    DedupLogic,
+    ItemLogic,
+    ItemState,
+    UserLogic,
+    _restore,
+    flush_deadline_for,
+    item_document,
+    session,
+    user_document,
+)
 from schemas.catalog import ItemRecord, UserProfile
 from schemas.events import InteractionEvent
 from serving.config import FeatureSettings
@@ -117,6 +128,47 @@ def test_dedup_drops_repeated_event_ids_and_fills_region() -> None:
     assert [e.event_id for e, _ in events] == ["e1", "e2"] and all(region == "ca" for _, region in events)
     restored = DedupLogic(CFG, logic.snapshot())  # the snapshot is what recovery restores
     assert list(restored.on_batch([("event", event(2))])[0]) == []
+
+
+def test_item_metadata_is_written_when_the_catalog_record_changes_only() -> None:
+    logic = ItemLogic(CFG, None)
+    logic.on_batch([("event", (event(1), None))])
+    first = dict(logic.on_notify()[0])
+    assert first["item_meta"] == ("m1", {"status": "unknown"}, 0)  # an item seen before its record
+    logic.on_batch([("event", (event(2), None))])
+    assert "item_meta" not in dict(logic.on_notify()[0])  # stats moved, metadata did not
+    record = ItemRecord(item_id="m1", category="Drama", updated_at="2024-01-01T00:00:00Z")
+    logic.on_batch([("meta", record), ("event", (event(3), None))])
+    item_id, meta, stamp = dict(logic.on_notify()[0])["item_meta"]
+    assert meta["category"] == "Drama" and stamp == 1_704_067_200_000_000  # stamped with the record's time
+
+
+def test_snapshots_from_before_shared_hourly_buckets_restore_the_same_windows() -> None:
+    events = [event(i, kind=["view", "click", "like", "skip"][i % 4], at=i * 917) for i in range(400)]
+    logic = ItemLogic(CFG, None)
+    for e in events:
+        logic.on_batch([("event", (e, "ca"))])
+    old = pickle.loads(pickle.dumps(logic.state))
+    # The layout older snapshots have: one bucket series per window name (24h a subset of 7d).
+    hourly = old.buckets[3600]
+    old.buckets = {"1h": old.buckets[300], "7d": hourly,
+                   "24h": {i: b for i, b in hourly.items() if i * 3600 > old.watermark - 86400 - 7200}}
+    restored = _restore(pickle.dumps(old))
+    assert isinstance(restored, ItemState)
+    assert item_document(restored, CFG)["windows"] == item_document(logic.state, CFG)["windows"]
+
+
+def test_flush_interval_stretches_with_slow_writes_but_stays_capped() -> None:
+    import time
+
+    saved = WriteLoad.seconds
+    try:
+        WriteLoad.seconds = 0.0
+        assert flush_deadline_for(CFG).timestamp() - time.time() <= CFG.flush_interval_s + 1e-3
+        WriteLoad.seconds = 30.0  # a pathologically slow store must not delay features by a minute
+        assert flush_deadline_for(CFG).timestamp() - time.time() <= CFG.flush_interval_max_s + 1e-3
+    finally:
+        WriteLoad.seconds = saved
 
 
 def test_snapshots_are_immutable_bytes() -> None:
