@@ -200,6 +200,8 @@ def _ingest(r: dict[str, Any]) -> list[str]:
 
 
 def _retrieval(r: dict[str, Any]) -> list[str]:
+    if "index" not in r:  # older side runs have another shape
+        return _generic(r)
     lines = [f"Vector index {r['index']['index_type']} {r['index']['params']}, ef_search {r['ef_search']}; "
              f"quotas {r['quotas']}.", "",
              "| items | source | p50 ms | p99 ms |", "|---|---|---|---|"]
@@ -216,8 +218,11 @@ def _retrieval(r: dict[str, Any]) -> list[str]:
     for row in r["sizes"]:
         b, m = row["build"], row.get("milvus_rss_mb") or {}
         recall = ", ".join(f"{k} {v}" for k, v in row["ann_recall"].items() if k.startswith("@"))
-        build = (f"{_f(b.get('insert_rows_per_s'))}, {_f(b.get('index_wait_s'))}, {_f(b.get('load_s'))}"
-                 if b.get("built_now") else "reused")
+        first = b if b.get("built_now") else b.get("earlier_build")
+        build = ("reused (built before build figures were kept)" if not first else
+                 f"{_f(first.get('insert_rows_per_s'))}, {_f(first.get('index_wait_s'))} "
+                 f"(+{_f(first.get('compaction_wait_s'))} compaction), {_f(b.get('load_s'))}"
+                 + ("" if b.get("built_now") else f" (built {first.get('date')}, load {first.get('load_average_1_5_15')})"))
         lines.append(f"| {row['items']:,} | {recall} | {build} | {m.get('released', '-')} -> {m.get('loaded', '-')} MB "
                      f"(+{m.get('delta', '-')}) | {row['raw_vectors_mb']} |")
     if "training" in r:
