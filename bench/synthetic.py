@@ -27,7 +27,8 @@ In: a running Milvus and Redis (`make up`). Out, for (n_items, seed, dim):
 Vectors are unit vectors shaped like trained embeddings: clustered, with a
 low intrinsic dimension (uniform noise in 64 dimensions would make every
 neighbour nearly tied: an unrealistically hard case for any ANN index).
-Everything is a pure function of (n, seed, dim): a second call reuses what
+Documents are keyed by item id only (syn0 is syn0 in every size): keep one
+seed per Redis prefix. Everything is a pure function of (n, seed, dim): a second call reuses what
 is there (checked: row count, vector index type and parameters, first and
 last document) and only rebuilds the part that is missing or different, so
 the retrieval and latency benchmarks of one `make bench` build the 1M
