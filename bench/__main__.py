@@ -223,7 +223,8 @@ def _retrieval(r: dict[str, Any]) -> list[str]:
         recall = ", ".join(f"{k} {v}" for k, v in row["ann_recall"].items() if k.startswith("@"))
         first = b if b.get("built_now") else b.get("earlier_build")
         build = ("reused (built before build figures were kept)" if not first else
-                 f"{_f(first.get('insert_rows_per_s'))}, {_f(first.get('index_wait_s'))} "
+                 f"{_f(first.get('insert_rows_per_s'))}, "
+                 f"{_f(first.get('index_build_s', 0.0) + first.get('index_wait_s', 0.0))} "
                  f"(+{_f(first.get('compaction_wait_s'))} compaction), {_f(b.get('load_s'))}"
                  + ("" if b.get("built_now") else f" (built {first.get('date')}, load {first.get('load_average_1_5_15')})"))
         lines.append(f"| {row['items']:,} | {recall} | {build} | {m.get('released', '-')} -> {m.get('loaded', '-')} MB "
