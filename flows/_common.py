@@ -131,10 +131,11 @@ class KafkaLog(FixedPartitionedSource[Message, int]):
 
     def list_parts(self) -> list[str]:
         """One input partition per Kafka partition, named ``"{partition}-{topic}"``."""
-        metadata = AdminClient({"bootstrap.servers": self.brokers}).list_topics(timeout=10)
+        client = AdminClient({"bootstrap.servers": self.brokers})
         parts = []
         for topic in self.topics:
-            info = metadata.topics.get(topic)
+            # One topic at a time, as bytewax does: a broker that auto-creates topics does so.
+            info = client.list_topics(topic, timeout=10).topics.get(topic)
             if info is None or info.error is not None:
                 raise RuntimeError(f"cannot read Kafka topic {topic!r}: {info.error if info else 'missing'}")
             parts.extend(f"{partition}-{topic}" for partition in sorted(info.partitions))
