@@ -14,6 +14,7 @@ import fcntl
 import re
 import struct
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ def timestamp_bytes(epoch_us: int) -> bytes:
 
 def encoder(dtype: Any) -> Any:
     """python value (None = unset) -> serialized ValueProto, for one Feast dtype."""
+    encode: Callable[[Any], bytes]
     if dtype == String:
         encode = _string
     elif dtype == Int64:
@@ -230,7 +232,7 @@ class OnlineWriter:
                 pipe.hset(self.entity_key(view_name, entity_id), mapping=mapping)
         pipe.execute()
 
-    def write(self, view_name: str, rows: list[tuple[str, dict[str, Any], datetime]]) -> None:
+    def write(self, view_name: str, rows: list[tuple[str, dict[str, Any], datetime | int]]) -> None:
         self.write_many({view_name: rows})
 
 

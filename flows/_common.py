@@ -95,7 +95,7 @@ class _KafkaPartition(StatefulSourcePartition[Message, int]):
                     break
                 # A broken partition must not stop the flow silently: raise (restart resumes).
                 raise RuntimeError(f"error consuming from Kafka topic {self.topic!r}: {error}")
-            batch.append(Message(self.topic, msg.key(), msg.value(), msg.partition(), msg.offset()))
+            batch.append(Message(self.topic, msg.key(), msg.value(), msg.partition() or 0, msg.offset() or 0))
         if batch:
             self.offset = batch[-1].offset + 1
         return batch
@@ -132,7 +132,7 @@ class KafkaLog(FixedPartitionedSource[Message, int]):
     def list_parts(self) -> list[str]:
         """One input partition per Kafka partition, named ``"{partition}-{topic}"``."""
         client = AdminClient({"bootstrap.servers": self.brokers})
-        parts = []
+        parts: list[str] = []
         for topic in self.topics:
             # One topic at a time, as bytewax does: a broker that auto-creates topics does so.
             info = client.list_topics(topic, timeout=10).topics.get(topic)

@@ -314,10 +314,11 @@ def flush_deadline_for(cfg: FeatureSettings) -> datetime:
 def _restore(state: Any) -> Any:
     # Snapshots are pickled bytes: immutable, and far cheaper than copy.deepcopy.
     state = pickle.loads(state) if isinstance(state, bytes) else state
-    if isinstance(state, ItemState) and "7d" in state.buckets:
+    old: dict[Any, Any] = state.buckets if isinstance(state, ItemState) else {}
+    if "7d" in old:
         # Snapshots before the bucket series were shared: the 7d hourly buckets hold
         # the 24h window's too, "1h" is the 5-minute series.
-        state.buckets = {300: state.buckets.get("1h", {}), 3600: state.buckets["7d"]}
+        state.buckets = {300: old.get("1h", {}), 3600: old["7d"]}
     return state
 
 
