@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from schemas.events import DeadLetterRecord
 from schemas.topics import Topics
 from serving.config import Settings
+from serving.lag import ProgressRecorder
 
 
 class Message(NamedTuple):
@@ -40,6 +41,7 @@ class Message(NamedTuple):
     value: bytes | None
     partition: int = 0
     offset: int = 0
+    timestamp_ms: float = 0.0  # the broker record's timestamp (set when it was produced)
 
 
 @dataclass
@@ -95,7 +97,8 @@ class _KafkaPartition(StatefulSourcePartition[Message, int]):
                     break
                 # A broken partition must not stop the flow silently: raise (restart resumes).
                 raise RuntimeError(f"error consuming from Kafka topic {self.topic!r}: {error}")
-            batch.append(Message(self.topic, msg.key(), msg.value(), msg.partition() or 0, msg.offset() or 0))
+            batch.append(Message(self.topic, msg.key(), msg.value(), msg.partition() or 0, msg.offset() or 0,
+                                 msg.timestamp()[1]))
         if batch:
             self.offset = batch[-1].offset + 1
         return batch
@@ -162,7 +165,9 @@ def to_message(raw: Any) -> Message:
     """KafkaSourceMessage (or a Message already) -> Message."""
     if isinstance(raw, Message):
         return raw
-    return Message(raw.topic, raw.key, raw.value, raw.partition or 0, raw.offset or 0)
+    stamp = getattr(raw, "timestamp", None)
+    return Message(raw.topic, raw.key, raw.value, raw.partition or 0, raw.offset or 0,
+                   float(stamp[1]) if stamp else 0.0)
 
 
 def parse_with(models: dict[str, type[BaseModel]], source: str) -> Callable[[Message], tuple[str, Any]]:
@@ -222,8 +227,16 @@ def read_records(flow: Dataflow, flow_name: str, settings: Settings, io: FlowIO,
     """
     raw = op.input(input_step, flow, io.source)
     parse = parse_with(models, flow_name)
+    # What this flow has read, for the flow-lag gauges of /metrics (serving/lag.py).
+    progress = ProgressRecorder(settings, flow_name)
+
+    def parse_batch(batch: list[Any]) -> list[tuple[str, Any]]:
+        messages = [to_message(m) for m in batch]
+        progress.note_messages(messages)
+        return [parse(m) for m in messages]
+
     # One Python call per batch, not per message and step: this is every event's path.
-    parsed = op.flat_map_batch(parse_step, raw, lambda batch: [parse(to_message(m)) for m in batch])
+    parsed = op.flat_map_batch(parse_step, raw, parse_batch)
     ok_or_dead = op.branch("split_dead_letters", parsed, lambda r: r[0] == "ok")
     route_dead_letters(settings, flow_name, op.map("dead_record", ok_or_dead.falses, lambda r: r[1]),
                        io.dead_letters)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -65,10 +66,26 @@ class ProgressRecorder:
             if time_ms > self._times.get(topic, 0.0):
                 self._times[topic] = time_ms
 
+    def note_messages(self, messages: Sequence[Any]) -> None:
+        """Note a batch of read records (anything with topic, partition, offset, timestamp_ms); starts the writer."""
+        if not messages:
+            return
+        with self._lock:
+            offsets, times = self._offsets, self._times
+            for m in messages:
+                member = f"{m.topic}:{m.partition}"
+                if m.offset > offsets.get(member, -1):
+                    offsets[member] = m.offset
+                if m.timestamp_ms > times.get(m.topic, 0.0):
+                    times[m.topic] = m.timestamp_ms
+        self.start()
+
     def start(self) -> ProgressRecorder:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"progress-{self.reader}", daemon=True)
-            self._thread.start()
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name=f"progress-{self.reader}", daemon=True)
+                    self._thread.start()
         return self
 
     def stop(self) -> None:

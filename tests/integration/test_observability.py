@@ -107,3 +107,38 @@ def test_access_log_is_one_json_line_with_request_id_route_status_and_key(
     assert access["route"] == "/interactions" and access["status"] == 202 and access["method"] == "POST"
     assert access["duration_ms"] > 0 and len(access["key_id"]) == 16
     assert access["level"] == "info" and access["ts"].endswith("+00:00")
+
+
+def test_flow_lag_follows_acknowledged_events_and_what_the_flow_read(
+        client: TestClient, settings: Settings, tmp_path) -> None:
+    import time
+
+    from tests.integration.test_features import FlowRunner
+
+    def gauges() -> dict:
+        return scrape(client)
+
+    def wait_for(check, what: str) -> dict:
+        deadline = time.monotonic() + 6  # both ends write their notes once a second
+        while time.monotonic() < deadline:
+            metrics = gauges()
+            if check(metrics):
+                return metrics
+            time.sleep(0.3)
+        raise AssertionError(f"{what}: {[(k, v) for k, v in gauges().items() if 'flow_' in k[0]]}")
+
+    events = [{**EVENT, "user_id": f"lag{i}", "event_id": f"lag-{i}"} for i in range(5)]
+    assert client.post("/interactions/batch", json={"events": events}).status_code == 202
+    FlowRunner(settings, tmp_path).run()  # the features flow reads the log to its end
+    caught_up = wait_for(lambda m: ("recsys_flow_lag_records", (("flow", "features"),)) in m,
+                         "the features flow's progress never reached /metrics")
+    assert sample(caught_up, "recsys_flow_lag_records", flow="features") == 0
+    assert sample(caught_up, "recsys_flow_lag_seconds", flow="features") < 5
+    assert 0 <= sample(caught_up, "recsys_feature_freshness_seconds", state="features") < 60
+
+    # Three more acknowledged events that no flow has read: the lag counts them.
+    for i in range(3):
+        assert client.post("/interactions", json={**EVENT, "event_id": f"lag-late-{i}"}).status_code == 202
+    behind = wait_for(lambda m: sample(m, "recsys_flow_lag_records", flow="features") == 3,
+                      "three unread events never showed as lag")
+    assert sample(behind, "recsys_flow_lag_seconds", flow="features") >= 0
