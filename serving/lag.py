@@ -59,26 +59,30 @@ class ProgressRecorder:
         self._failing_since: float | None = None
 
     def note(self, topic: str, partition: int, offset: int, time_ms: float) -> None:
-        member = f"{topic}:{partition}"
-        with self._lock:
-            if offset > self._offsets.get(member, -1):
-                self._offsets[member] = offset
-            if time_ms > self._times.get(topic, 0.0):
-                self._times[topic] = time_ms
+        self._merge({f"{topic}:{partition}": offset}, {topic: time_ms})
 
     def note_messages(self, messages: Sequence[Any]) -> None:
         """Note a batch of read records (anything with topic, partition, offset, timestamp_ms); starts the writer."""
         if not messages:
             return
-        with self._lock:
-            offsets, times = self._offsets, self._times
-            for m in messages:
-                member = f"{m.topic}:{m.partition}"
-                if m.offset > offsets.get(member, -1):
-                    offsets[member] = m.offset
-                if m.timestamp_ms > times.get(m.topic, 0.0):
-                    times[m.topic] = m.timestamp_ms
+        offsets: dict[str, int] = {}
+        times: dict[str, float] = {}
+        for m in messages:
+            member = f"{m.topic}:{m.partition}"
+            offsets[member] = max(m.offset, offsets.get(member, -1))
+            times[m.topic] = max(m.timestamp_ms, times.get(m.topic, 0.0))
+        self._merge(offsets, times)
         self.start()
+
+    def _merge(self, offsets: dict[str, int], times: dict[str, float]) -> None:
+        """Raise the pending maxima (the one place they change)."""
+        with self._lock:
+            for member, offset in offsets.items():
+                if offset > self._offsets.get(member, -1):
+                    self._offsets[member] = offset
+            for topic, t in times.items():
+                if t > self._times.get(topic, 0.0):
+                    self._times[topic] = t
 
     def start(self) -> ProgressRecorder:
         if self._thread is None:
@@ -110,12 +114,7 @@ class ProgressRecorder:
             pipe.execute()
             self._failing_since = None
         except (redis.RedisError, OSError) as exc:
-            # Keep what was not written for the next try (maxima stay maxima).
-            with self._lock:
-                for member, offset in offsets.items():
-                    self._offsets[member] = max(offset, self._offsets.get(member, -1))
-                for topic, t in times.items():
-                    self._times[topic] = max(t, self._times.get(topic, 0.0))
+            self._merge(offsets, times)  # kept for the next try (maxima stay maxima)
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
                 log.warning("progress_write_failed reader=%s error=%r", self.reader, exc)
