@@ -16,7 +16,9 @@ at the end):
    on the running broker, flushing every 50 ms (the replay waits on them);
 2. users and items through ``PUT /users``/``PUT /items`` and the first 80% of
    ratings (time order) through ``POST /interactions/batch`` (demo.load.publish);
-   we wait until the flow's user documents count every event;
+   we wait until the flows have written what the pipeline reads (``LiveSystem.wait_for_flow``:
+   user and item documents count every event, co-visitation lists the events
+   pair items in have changed; no fixed sleeps);
 3. the trainer replays the topics (``model.data``) and trains the two-tower on
    the warm-up, the item tower's vectors go into a new Milvus collection behind
    the bench's serving alias and the version becomes live in the registry
@@ -26,7 +28,7 @@ at the end):
    ``Recommender`` (serving.pipeline.factory.build_recommender: candidates from
    Milvus + Redis co-visitation/trending, light rank, policy re-rank) for a
    homepage top 10 (consumed items excluded by the policy); then the chunk is
-   POSTed to the API and we wait for the features flow to catch up. Lists come
+   POSTed to the API and we wait for the flows the same way. Lists come
    from the live path (``recommend.fallbacks = [live, popular]``): the cache is
    the same pipeline's output stored earlier, and wall-clock TTLs mean nothing
    when a month of events is replayed in minutes. The configured time budgets
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import math
 import os
 import shutil
@@ -71,10 +74,25 @@ from tqdm import tqdm
 from bench import baselines, metrics
 from bench._common import save
 from demo.movielens import MovieLens, load_movielens
+from flows.covisit import CONSUMED_TYPES as COVISIT_CONSUMED_TYPES
 from schemas.events import InteractionEvent
 
 K = 10
 COLD = 5  # fewer prior events than this makes a user (or the target item) cold
+# The interaction types an item document counts (views, clicks, watches, likes, skips, impressions).
+ITEM_COUNTED = frozenset({"view", "click", "watch", "like", "skip", "impression"})
+# How often the replay looks at Redis while it waits for the flows (they flush every 50 ms here).
+POLL_S = 0.01
+# How long after the documents a predicted co-visitation change may still be missing (a missed prediction).
+COVISIT_GRACE_S = 2.0
+
+
+def _item_count(raw: bytes | None) -> int:
+    """Events an ItemFeatures document (JSON) counts."""
+    import orjson
+
+    doc = orjson.loads(raw) if raw else {}
+    return sum(int(doc.get(f, 0)) for f in ("views", "clicks", "watches", "likes", "skips", "impressions"))
 
 
 # -- the harness ------------------------------------------------------------------------------
@@ -263,9 +281,13 @@ class LiveSystem(Arm):
             settings.retrieval.source_timeout_s = settings.retrieval.total_timeout_s = 4.0
         self.settings = settings
         self.processes: list[subprocess.Popen[bytes]] = []
-        self.expected: Counter[str] = Counter()
+        self.expected: Counter[str] = Counter()  # events per user the features flow has to count
+        self.item_expected: Counter[str] = Counter()  # ... and per item
+        self.consumed: set[tuple[str, str]] = set()  # (user, item) first consumptions, as flows/covisit sees them
+        self.recent_consumptions: defaultdict[str, list[float]] = defaultdict(list)  # user -> sorted times
         self.served_from: Counter[str] = Counter()
         self.since_train = 0
+        self.flow_waits: list[float] = []  # seconds from each chunk's POST answered to the flows' writes seen
         self.info: dict[str, Any] = {"run": run, "topic_prefix": settings.kafka.topic_prefix,
                                      "redis_prefix": settings.redis.key_prefix}
         self.recommender: Any = None
@@ -296,44 +318,98 @@ class LiveSystem(Arm):
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "bytewax.run", f"flows.{flow}:build_flow()"],
                 env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        import httpx
+        import redis.asyncio as aioredis
+
+        self.redis = aioredis.Redis.from_url(s.redis.url)
+        self.http = httpx.AsyncClient(base_url=self.api, headers={"x-api-key": self.key}, timeout=30)
         t0 = time.perf_counter()
         await publish(MovieLens(data.users, data.items, list(warmup)), self.api, self.key, quiet=False)
-        self.expected.update(e.user_id for e in warmup)
-        await self.wait_for_flow(self.expected, timeout_s=600)
+        # Every list starts empty under this run's prefix: a predicted pair makes it non-empty.
+        changed = self.expect(warmup)
+        await self.wait_for_flow(list(self.expected), list(self.item_expected), dict.fromkeys(changed, []),
+                                 timeout_s=600)
         self.info["warmup_ingest_seconds"] = round(time.perf_counter() - t0, 1)
         await asyncio.to_thread(self.train_and_deploy)
         from serving.pipeline.factory import build_recommender
 
         self.recommender, self._close = await build_recommender(s)
 
-    async def wait_for_flow(self, expected: Counter[str], timeout_s: float = 120.0) -> None:
-        """Until every user's features document counts all of their events (plus one flush)."""
-        import orjson
-        import redis.asyncio as aioredis
+    def expect(self, events: Sequence[InteractionEvent]) -> list[str]:
+        """Note what the flows will write for these events; returns the items whose co-visitation list must change.
 
-        client = aioredis.Redis.from_url(self.settings.redis.url)
-        users = list(expected)
+        Features: every user's and item's document counts all of their events. Co-visitation
+        (flows/covisit.py): a user's first consumption of an item that has another of the user's
+        last ``4 x covisit_max_recent`` first consumptions within ``covisit_window_s`` pairs the
+        two, and raises users(item) for that item's list, so every score in it changes.
+        """
+        cfg = self.settings.features
+        window, keep = cfg.covisit_window_s, 4 * cfg.covisit_max_recent
+        changed: list[str] = []
+        for e in events:
+            self.expected[e.user_id] += 1
+            if str(e.interaction_type) in ITEM_COUNTED:
+                self.item_expected[e.item_id] += 1
+            if str(e.interaction_type) not in COVISIT_CONSUMED_TYPES or (e.user_id, e.item_id) in self.consumed:
+                continue
+            self.consumed.add((e.user_id, e.item_id))
+            ts, recent = e.timestamp.timestamp(), self.recent_consumptions[e.user_id]
+            if bisect.bisect_right(recent, ts + window) > bisect.bisect_left(recent, ts - window):
+                changed.append(e.item_id)
+            bisect.insort(recent, ts)
+            del recent[: max(0, len(recent) - keep)]
+        return list(dict.fromkeys(changed))
+
+    async def neighbour_lists(self, items: Sequence[str]) -> dict[str, list[Any]]:
+        """The items' co-visitation lists as they are now (member, score pairs)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for item in items:
+            pipe.zrange(self.settings.keys.item_neighbours(item), 0, -1, withscores=True)
+        return dict(zip(items, await pipe.execute(), strict=True))
+
+    async def wait_for_flow(self, users: Sequence[str], items: Sequence[str], covisit: dict[str, list[Any]],
+                            timeout_s: float = 120.0) -> None:
+        """Until the flows wrote what the pipeline reads about the events just ingested (see ``expect``).
+
+        The user and item documents count every event (an item's trending scores are written
+        in the same Redis pipeline as its document), and the co-visitation list of every item
+        in ``covisit`` differs from the one given (read before the events were sent). A pair
+        also updates the partner's list, in the same flush (both keys are dirtied in one
+        activation) and so in the same MULTI. Nothing here waits a fixed time: a list that
+        has not changed ``COVISIT_GRACE_S`` after the documents are complete is counted in
+        ``covisit_wait_capped`` (the prediction missed) and the replay goes on.
+        """
+        import orjson
+
+        keys = self.settings.keys
+        users, items = list(users), list(items)
+        covisit = dict(covisit)
         deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                behind = 0
-                for start in range(0, len(users), 500):
-                    part = users[start:start + 500]
-                    raws = await client.mget([self.settings.keys.user_features(u) for u in part])
-                    for user, raw in zip(part, raws, strict=True):
-                        total = orjson.loads(raw).get("total_events", 0) if raw else 0
-                        behind += total < expected[user]
-                if not behind:
-                    break
-                if any(p.poll() is not None for p in self.processes):
-                    raise RuntimeError(f"a flow exited; see the *-flow.log files in {self.tmp}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"features flow still behind for {behind} users after {timeout_s:.0f}s")
-                await asyncio.sleep(0.05)
-            # Item documents, trending and co-visitation flush on their own timers.
-            await asyncio.sleep(self.settings.features.flush_interval_s + 0.1)
-        finally:
-            await client.aclose()
+        documents_done: float | None = None
+        while True:
+            if users:
+                raws = await self.redis.mget([keys.user_features(u) for u in users])
+                users = [u for u, raw in zip(users, raws, strict=True)
+                         if (orjson.loads(raw).get("total_events", 0) if raw else 0) < self.expected[u]]
+            if items and not users:
+                raws = await self.redis.mget([keys.item_features(i) for i in items])
+                items = [i for i, raw in zip(items, raws, strict=True) if _item_count(raw) < self.item_expected[i]]
+            if covisit:
+                now = await self.neighbour_lists(list(covisit))
+                covisit = {i: before for i, before in covisit.items() if now[i] == before}
+            if not users and not items:
+                if not covisit:
+                    return
+                documents_done = documents_done or time.monotonic()
+                if time.monotonic() - documents_done > COVISIT_GRACE_S:
+                    self.info["covisit_wait_capped"] = self.info.get("covisit_wait_capped", 0) + 1
+                    return
+            if any(p.poll() is not None for p in self.processes):
+                raise RuntimeError(f"a flow exited; see the *-flow.log files in {self.tmp}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flows still behind after {timeout_s:.0f}s: {len(users)} user documents, "
+                                   f"{len(items)} item documents, {len(covisit)} co-visitation lists")
+            await asyncio.sleep(POLL_S)
 
     def train_and_deploy(self) -> None:
         """What a model refresh does: replay the log, train, vectors into a new collection, swap, go live."""
@@ -377,6 +453,10 @@ class LiveSystem(Arm):
     async def stop(self) -> None:
         if self._close is not None:
             await self._close()
+        if getattr(self, "http", None) is not None:
+            await self.http.aclose()
+        if getattr(self, "redis", None) is not None:
+            await self.redis.aclose()
         for process in self.processes:
             process.terminate()
             try:
@@ -436,16 +516,17 @@ class LiveSystem(Arm):
         return out
 
     async def ingest(self, events: Sequence[InteractionEvent], state: LogState) -> None:
-        import httpx
-
+        changed = self.expect(events)
+        before = await self.neighbour_lists(changed)  # settled: the previous chunk's wait saw its lists change
         body = b'{"events":[' + b",".join(e.to_json() for e in events) + b"]}"
-        async with httpx.AsyncClient(base_url=self.api, headers={"x-api-key": self.key}, timeout=30) as client:
-            response = await client.post("/interactions/batch", content=body,
-                                         headers={"content-type": "application/json"})
-            response.raise_for_status()
-        chunk_users = Counter(e.user_id for e in events)
-        self.expected.update(chunk_users)
-        await self.wait_for_flow(Counter({u: self.expected[u] for u in chunk_users}))
+        response = await self.http.post("/interactions/batch", content=body,
+                                        headers={"content-type": "application/json"})
+        response.raise_for_status()
+        t0 = time.perf_counter()
+        await self.wait_for_flow(list(dict.fromkeys(e.user_id for e in events)),
+                                 list(dict.fromkeys(e.item_id for e in events
+                                                    if str(e.interaction_type) in ITEM_COUNTED)), before)
+        self.flow_waits.append(time.perf_counter() - t0)
         self.since_train += len(events)
         if self.retrain_every and self.since_train >= self.retrain_every:
             await asyncio.to_thread(self.train_and_deploy)
@@ -454,7 +535,16 @@ class LiveSystem(Arm):
 
 # -- entry point -----------------------------------------------------------------------------
 async def run(chunk: int, stride: int, warmup_fraction: float, refit_every: int, with_system: bool,
-              retrain_every: int, keep: bool, relax_budgets: bool = False) -> dict[str, Any]:
+              retrain_every: int, keep: bool, relax_budgets: bool = False,
+              before_replay: Callable[[], None] | None = None) -> dict[str, Any]:
+    """The replay; ``before_replay`` (blocking) is called once the system is set up, right before the replay.
+
+    Only the replay is timed work (the pipeline's time budgets decide which lists come from
+    the live path): the set-up before it (warm-up ingest, awaited until the flows wrote all
+    of it, and the seeded, deterministic training) ends in the same state however loaded
+    the machine was, so ``make bench`` runs it beside the synthetic catalogue build and
+    passes the wait for that build as ``before_replay``.
+    """
     from serving.config import load_settings
 
     data = load_movielens()
@@ -476,13 +566,22 @@ async def run(chunk: int, stride: int, warmup_fraction: float, refit_every: int,
             print(f"error: the live system could not be set up: {exc!r}; running baselines only", file=sys.stderr)
             await system.stop()
             system = None
+    if before_replay is not None:
+        started = time.perf_counter()
+        await asyncio.to_thread(before_replay)
+        notes["waited_before_replay_s"] = round(time.perf_counter() - started, 1)
     try:
         result = await replay(data, arms, warmup_fraction, chunk, stride)
     finally:
         if system is not None:
             await system.stop()
     if system is not None:
-        result["system"] = {**system.info, "served_from": dict(system.served_from)}
+        waits = np.array(system.flow_waits or [0.0])
+        result["system"] = {**system.info, "served_from": dict(system.served_from),
+                            "covisit_wait_capped": system.info.get("covisit_wait_capped", 0),
+                            "flow_wait_s": {"mean": round(float(waits.mean()), 3), "p50": round(float(np.median(waits)), 3),
+                                            "p99": round(float(np.quantile(waits, 0.99)), 3),
+                                            "total": round(float(waits.sum()), 1)}}
     return {
         "protocol": (f"prequential replay of MovieLens-100K in time order: first {warmup_fraction:.0%} warm-up, "
                      + (f"then every {stride}th test event asked right after all earlier events were ingested "
@@ -504,7 +603,7 @@ def print_table(result: dict[str, Any]) -> None:
               f"{r['diversity']:6.3f} {r['novelty']:6.2f}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, before_replay: Callable[[], None] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--every", type=int, default=20,
                         help="ask before every N-th test event, all earlier events ingested (chunk = stride = N)")
@@ -524,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.chunk < 1 or args.stride < 1 or not 0 < args.warmup < 1:
         parser.error("--chunk and --stride must be >= 1 and --warmup in (0, 1)")
     result = asyncio.run(run(args.chunk, args.stride, args.warmup, args.refit_every, not args.baselines_only,
-                             args.retrain_every, args.keep, args.relax_budgets))
+                             args.retrain_every, args.keep, args.relax_budgets, before_replay))
     print_table(result)
     result["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     save(args.out, result)
