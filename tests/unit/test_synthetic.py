@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 
 from bench.synthetic import (
     CATEGORIES,
@@ -64,3 +65,14 @@ def test_synthetic_settings_isolate_redis_keys() -> None:
     s = synthetic_settings(Settings())
     assert s.keys.item_features("syn1").startswith("benchsyn:")
     assert not Settings().keys.item_features("syn1").startswith("benchsyn:")
+
+
+def test_column_documents_and_columns_are_the_row_ones() -> None:
+    catalog = SyntheticCatalog(n_items=3000, seed=2, dim=8)
+    assert catalog.documents(100, 2100) == [orjson.dumps(catalog.document(i)) for i in range(100, 2100)]
+    vectors = catalog.vectors()
+    rows, columns = catalog.rows(10, 60, vectors[10:60]), catalog.columns(10, 60, vectors[10:60])
+    assert set(columns) == set(rows[0])
+    for name, values in columns.items():
+        expected = [row[name] for row in rows]
+        assert (np.asarray(values).tolist() if name == "embedding" else list(values)) == expected, name
