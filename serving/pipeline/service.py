@@ -46,7 +46,7 @@ class FeatureReader(Protocol):
 
 
 class CandidateGenerator(Protocol):
-    async def generate(self, ctx: UserContext) -> list[Candidate]: ...
+    async def generate(self, ctx: UserContext, budget_s: float | None = None) -> list[Candidate]: ...
     def generate_sync(self, ctx: UserContext) -> list[Candidate]: ...
 
 
@@ -130,7 +130,9 @@ class Recommender:
             generate = asyncio.to_thread(self.candidates.generate_sync, ctx)
         else:
             budget = self.cfg.candidates_budget_ms
-            generate = self.candidates.generate(ctx)
+            # The generator merges what answered a little before the stage's own deadline, so a
+            # slow source costs that source, not the whole live path.
+            generate = self.candidates.generate(ctx, budget_s=max(0.0, budget / 1000 - 0.005))
         candidates = await self._stage("candidates", generate, budget)
         t0 = time.perf_counter()
         ids = [c.item_id for c in candidates]

@@ -36,7 +36,7 @@ class Candidates:
     def generate_sync(self, ctx: UserContext) -> list[Candidate]:
         return [Candidate(f"i{k}", sources={"ann": 1 - k / 40}) for k in range(39)]
 
-    async def generate(self, ctx: UserContext) -> list[Candidate]:
+    async def generate(self, ctx: UserContext, budget_s: float | None = None) -> list[Candidate]:
         return self.generate_sync(ctx)
 
 

@@ -193,3 +193,42 @@ def test_searches_cut_at_their_deadline_are_not_logged_as_pymilvus_errors(caplog
         logger.error("grpc RpcError: [search], <_InactiveRpcError: StatusCode.DEADLINE_EXCEEDED>\nTraceback: ...")
         logger.error("grpc RpcError: [search], <_InactiveRpcError: StatusCode.UNAVAILABLE>")
     assert [r.getMessage() for r in caplog.records] == ["grpc RpcError: [search], <_InactiveRpcError: StatusCode.UNAVAILABLE>"]
+
+
+def test_the_callers_budget_keeps_the_sources_that_answered() -> None:
+    # The caller's stage budget (150 ms) is shorter than the generator's own total (300 ms):
+    # the merge must happen before it, with the fast sources, not be cancelled with all of them.
+    config = RetrievalSettings(source_timeout_s=0.3, total_timeout_s=0.3)
+    ctx = UserContext(user_id="u", recent=[("a", "click", 0.0)], consumed={"a"})
+    gen = generator(config, signals=SlowSignals(neighbours={"a": [("c", 1.0)]}))
+
+    async def under_budget() -> list:
+        async with asyncio.timeout(0.15):
+            return await gen.generate(ctx, budget_s=0.05)
+
+    candidates = asyncio.run(under_budget())
+    ids = {c.item_id for c in candidates}
+    assert "late" not in ids and {"b", "c"} <= ids
+
+
+def test_sources_left_behind_are_not_logged_as_unretrieved_exceptions() -> None:
+    # A stage cancelled from outside leaves its source tasks to finish on their own; their
+    # errors must be collected quietly, not each logged with a traceback by asyncio.
+    reported: list[dict] = []
+    gen = CandidateGenerator(RetrievalSettings(source_timeout_s=0.05, total_timeout_s=0.15), FixedModel,
+                             BrokenIndex(), SlowSignals())
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        try:
+            async with asyncio.timeout(0.02):
+                await gen.generate(UserContext(user_id="u", recent=[("a", "click", 0.0)]))
+        except TimeoutError:
+            pass
+        await asyncio.sleep(0.2)  # every source finished (or timed out) by now
+
+    asyncio.run(scenario())
+    import gc
+
+    gc.collect()
+    assert reported == []
