@@ -244,8 +244,13 @@ class MilvusItemIndex:
         )
         out = []
         for hits in results:
-            pairs = [(str(h.get(PK, h.get("id"))), float(h["distance"])) for h in hits]
-            out.append([(i, s) for i, s in pairs if i not in flt.exclude][:k])
+            # pymilvus keeps each query's ids and distances as plain lists: reading them skips
+            # materialising a dict per hit (~1 ms of client CPU, under the GIL, per 400 hits).
+            ids, scores = getattr(hits, "ids", None), getattr(hits, "distances", None)
+            if ids is None or scores is None:
+                ids, scores = [h.get(PK, h.get("id")) for h in hits], [h["distance"] for h in hits]
+            out.append([(str(i), float(s)) for i, s in zip(ids, scores, strict=True)
+                        if str(i) not in flt.exclude][:k])
         return out
 
     def vectors(self, item_ids: Sequence[str], timeout_s: float | None = None) -> dict[str, np.ndarray]:
