@@ -19,11 +19,8 @@ The synthetic catalogues retrieval and latency share (bench/synthetic.py:
 are built in a child process while ``offline`` runs: offline is
 single-process CPU work whose figures are list metrics, not timings, and the
 build is mostly Milvus' own threads, so on 2 cores the two overlap instead
-of adding up. ``quality`` then sets up beside the build (its API, flows,
-warm-up ingest and two-tower training: untimed, and ending in the same state
-however loaded the machine is) and waits for the build right before its
-replay, whose lists depend on the pipeline's time budgets; every later
-benchmark waits for the build, since it would distort their latencies. Catalogues are kept for the next run and released from Milvus
+of adding up; the next benchmark waits for the build, since it would distort
+their latencies. Catalogues are kept for the next run and released from Milvus
 memory at the end. Each step prints its time and an estimate of what is left
 from the last full run (results/last_run.txt).
 """
@@ -52,10 +49,6 @@ ORDER = ["offline", "quality", "ingest", "freshness", "retrieval", "latency"]
 # latency or throughput, which a concurrent bulk load would distort).
 SYNTHETIC_SIZES = (100_000, 1_000_000)
 BESIDE_PREBUILD = ("offline",)
-# Benchmarks whose set-up (untimed, ending in the same state however loaded the machine is)
-# runs beside the build too: their main() takes ``before_replay``, a wait for the build that
-# they call right before their timed part.
-SETUP_BESIDE_PREBUILD = ("quality",)
 WHAT = {
     "offline": "MovieLens-100K, Recommenders protocol (stratified 75/25, top 10)",
     "quality": "MovieLens-100K prequential replay through the running system (80% warm-up, top 10)",
@@ -66,15 +59,15 @@ WHAT = {
 }
 
 
-def run_one(name: str, argv: list[str], **hooks: Any) -> tuple[str, float]:
-    """Import bench.<name> and call its main() (with ``hooks`` as keywords); returns (status, seconds)."""
+def run_one(name: str, argv: list[str]) -> tuple[str, float]:
+    """Import bench.<name> and call its main(); returns (status, seconds)."""
     if importlib.util.find_spec(f"bench.{name}") is None:
         return "missing (module not written yet)", 0.0
     started = time.perf_counter()
     try:
         module = importlib.import_module(f"bench.{name}")
         main = module.main
-        code = main(argv, **hooks) if inspect.signature(main).parameters else main()
+        code = main(argv) if inspect.signature(main).parameters else main()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code not in (None, 0) and not isinstance(exc.code, int):
@@ -334,12 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(names):
             bar.set_postfix_str(name)
             tqdm.write(f"== {name}: {WHAT.get(name, '')}")
-            hooks: dict[str, Any] = {}
-            if prebuild is not None and name in SETUP_BESIDE_PREBUILD:
-                hooks["before_replay"] = prebuild.wait
-            elif prebuild is not None and name not in BESIDE_PREBUILD:
+            if prebuild is not None and name not in BESIDE_PREBUILD:
                 prebuild.wait()
-            statuses[name] = run_one(name, extra, **hooks)
+            statuses[name] = run_one(name, extra)
             left = sum(previous.get(n, 0.0) for n in names[i + 1:])
             tqdm.write(f"== {name}: {statuses[name][0]} ({statuses[name][1]:.0f} s); "
                        f"{(time.perf_counter() - started) / 60:.1f} min so far"
@@ -347,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
     if prebuild is not None:
         prebuild.wait()
-        tqdm.write(f"== synthetic catalogues ready {prebuild.seconds:.0f} s after the start "
-                   "(built beside offline and quality's set-up)")
+        tqdm.write(f"== synthetic catalogues ready {prebuild.seconds:.0f} s after the start (built beside offline)")
         release_synthetic()
     from bench.plots import plot
 

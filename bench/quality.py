@@ -535,16 +535,7 @@ class LiveSystem(Arm):
 
 # -- entry point -----------------------------------------------------------------------------
 async def run(chunk: int, stride: int, warmup_fraction: float, refit_every: int, with_system: bool,
-              retrain_every: int, keep: bool, relax_budgets: bool = False,
-              before_replay: Callable[[], None] | None = None) -> dict[str, Any]:
-    """The replay; ``before_replay`` (blocking) is called once the system is set up, right before the replay.
-
-    Only the replay is timed work (the pipeline's time budgets decide which lists come from
-    the live path): the set-up before it (warm-up ingest, awaited until the flows wrote all
-    of it, and the seeded, deterministic training) ends in the same state however loaded
-    the machine was, so ``make bench`` runs it beside the synthetic catalogue build and
-    passes the wait for that build as ``before_replay``.
-    """
+              retrain_every: int, keep: bool, relax_budgets: bool = False) -> dict[str, Any]:
     from serving.config import load_settings
 
     data = load_movielens()
@@ -566,10 +557,6 @@ async def run(chunk: int, stride: int, warmup_fraction: float, refit_every: int,
             print(f"error: the live system could not be set up: {exc!r}; running baselines only", file=sys.stderr)
             await system.stop()
             system = None
-    if before_replay is not None:
-        started = time.perf_counter()
-        await asyncio.to_thread(before_replay)
-        notes["waited_before_replay_s"] = round(time.perf_counter() - started, 1)
     try:
         result = await replay(data, arms, warmup_fraction, chunk, stride)
     finally:
@@ -603,7 +590,7 @@ def print_table(result: dict[str, Any]) -> None:
               f"{r['diversity']:6.3f} {r['novelty']:6.2f}")
 
 
-def main(argv: list[str] | None = None, before_replay: Callable[[], None] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--every", type=int, default=20,
                         help="ask before every N-th test event, all earlier events ingested (chunk = stride = N)")
@@ -623,7 +610,7 @@ def main(argv: list[str] | None = None, before_replay: Callable[[], None] | None
     if args.chunk < 1 or args.stride < 1 or not 0 < args.warmup < 1:
         parser.error("--chunk and --stride must be >= 1 and --warmup in (0, 1)")
     result = asyncio.run(run(args.chunk, args.stride, args.warmup, args.refit_every, not args.baselines_only,
-                             args.retrain_every, args.keep, args.relax_budgets, before_replay))
+                             args.retrain_every, args.keep, args.relax_budgets))
     print_table(result)
     result["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     save(args.out, result)
