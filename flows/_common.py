@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -65,31 +67,80 @@ def kafka_source(settings: Settings, topics: Iterable[str], tail: bool = True) -
 _IDLE_POLL = timedelta(milliseconds=5)
 
 
+class _WorkerConsumer:
+    """One librdkafka consumer for every partition one worker reads, demultiplexed per partition.
+
+    A consumer per partition (bytewax's KafkaSource, and ours before) means a fetch
+    session, a broker connection and a fetcher thread per partition: the stack's five
+    flows held 39 of them, each asking the broker every ``fetch.wait.max.ms`` (20 ms)
+    while idle, which kept the embedded broker at ~50% of a core doing nothing. One
+    consumer per worker asks once for all its partitions.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.consumer = Consumer(config)
+        self.parts: dict[tuple[str, int], _KafkaPartition] = {}
+
+    def add(self, part: _KafkaPartition) -> None:
+        self.parts[(part.topic, part.partition)] = part
+        # assign(), not subscribe(): no consumer group; the offset is bytewax state.
+        self.consumer.incremental_assign([TopicPartition(part.topic, part.partition, part.offset)])
+
+    def remove(self, part: _KafkaPartition) -> bool:
+        """Stop reading ``part``; True when it was the last one (the consumer is closed then)."""
+        if self.parts.pop((part.topic, part.partition), None) is None:
+            return not self.parts
+        if not self.parts:
+            self.consumer.close()
+            return True
+        self.consumer.incremental_unassign([TopicPartition(part.topic, part.partition)])
+        return False
+
+    def fill(self, max_messages: int) -> None:
+        """One non-blocking consume; each message goes to its partition's queue (order kept)."""
+        # Never block here: one worker polls many partitions in turn, and a blocking
+        # poll on an idle one (a catalog topic) delays all the others.
+        for msg in self.consumer.consume(max_messages, 0):
+            part = self.parts.get((msg.topic(), msg.partition()))
+            if part is None:
+                error = msg.error()
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                    # Not tied to a partition we read (a consumer-wide error): don't drop it silently.
+                    raise RuntimeError(f"error consuming from Kafka: {error}")
+                continue
+            part.queued.append(msg)
+            part.awake = None
+
+
 class _KafkaPartition(StatefulSourcePartition[Message, int]):
     """One Kafka partition read from an offset; its state is the next offset to read."""
 
-    def __init__(self, config: dict[str, Any], topic: str, partition: int, offset: int, batch_size: int) -> None:
-        self.consumer = Consumer(config)
-        # assign(), not subscribe(): no consumer group; the offset is bytewax state.
-        self.consumer.assign([TopicPartition(topic, partition, offset)])
+    def __init__(self, shared: _WorkerConsumer, topic: str, partition: int, offset: int, batch_size: int,
+                 on_close: Callable[[], None] = lambda: None) -> None:
         self.topic = topic
+        self.partition = partition
         self.offset = offset
         self.batch_size = batch_size
         self.eof = False
         self.awake: datetime | None = None
+        self.queued: deque[Any] = deque()
+        self.shared = shared
+        self.on_close = on_close
+        shared.add(self)
 
     def next_batch(self) -> list[Message]:
         if self.eof:
             raise StopIteration
-        # Never block here: one worker polls many partitions in turn, and a blocking
-        # poll on an idle one (a catalog topic) delays all the others.
-        received = self.consumer.consume(self.batch_size, 0)
-        if not received:
+        if not self.queued:
+            self.shared.fill(self.batch_size)
+        if not self.queued:
             self.awake = datetime.now(UTC) + _IDLE_POLL
             return []
         self.awake = None
         batch = []
-        for msg in received:
+        queued = self.queued
+        while queued and len(batch) < self.batch_size:
+            msg = queued.popleft()
             error = msg.error()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
@@ -97,7 +148,7 @@ class _KafkaPartition(StatefulSourcePartition[Message, int]):
                     break
                 # A broken partition must not stop the flow silently: raise (restart resumes).
                 raise RuntimeError(f"error consuming from Kafka topic {self.topic!r}: {error}")
-            batch.append(Message(self.topic, msg.key(), msg.value(), msg.partition() or 0, msg.offset() or 0,
+            batch.append(Message(self.topic, msg.key(), msg.value(), self.partition, msg.offset() or 0,
                                  msg.timestamp()[1]))
         if batch:
             self.offset = batch[-1].offset + 1
@@ -110,7 +161,8 @@ class _KafkaPartition(StatefulSourcePartition[Message, int]):
         return self.offset
 
     def close(self) -> None:
-        self.consumer.close()
+        if self.shared.remove(self):
+            self.on_close()
 
 
 class KafkaLog(FixedPartitionedSource[Message, int]):
@@ -131,6 +183,7 @@ class KafkaLog(FixedPartitionedSource[Message, int]):
         self.batch_size = batch_size
         self.fetch_wait_ms = fetch_wait_ms
         self.starting_offset = starting_offset
+        self._consumers: dict[int, _WorkerConsumer] = {}
 
     def list_parts(self) -> list[str]:
         """One input partition per Kafka partition, named ``"{partition}-{topic}"``."""
@@ -154,7 +207,13 @@ class KafkaLog(FixedPartitionedSource[Message, int]):
             "fetch.wait.max.ms": self.fetch_wait_ms,
         }
         offset = self.starting_offset if resume_state is None else resume_state
-        return _KafkaPartition(config, topic, int(index), offset, self.batch_size)
+        # Partitions are built and read on their worker's thread: one consumer per worker thread.
+        worker = threading.get_ident()
+        shared = self._consumers.get(worker)
+        if shared is None:
+            shared = self._consumers[worker] = _WorkerConsumer(config)
+        return _KafkaPartition(shared, topic, int(index), offset, self.batch_size,
+                               on_close=lambda: self._consumers.pop(worker, None))
 
 
 def dead_letter_sink(settings: Settings) -> KafkaSink:
