@@ -127,3 +127,20 @@ def test_undecodable_body_answers_400_with_a_message(live_api: tuple[str, dict[s
     assert response.status_code == 400
     assert response.json() == {"error": "bad_request", "details": [],
                                "message": "the request body could not be parsed: send UTF-8 encoded JSON"}
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [({}, "user_id"), ({"user_id": "u1", "limit": "0"}, "limit"), ({"user_id": "u1", "surface": "inbox"}, "surface"),
+     ({"user_id": "u 1"}, "user_id"), ({"user_id": "u1", "device": "fridge"}, "device")],
+)
+def test_invalid_recommendation_parameters_answer_422_naming_the_parameter(
+        live_api: tuple[str, dict[str, str]], query: dict[str, str], field: str) -> None:
+    # GET /recommendations parses its query string itself (serving/routes/recommendations.py):
+    # the error must read as FastAPI's own would.
+    base_url, headers = live_api
+    response = httpx.get(f"{base_url}/recommendations", params=query, headers=headers, timeout=10)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"] == "validation_error" and body["details"][0]["field"] == field
+    assert body["message"].startswith(f"{field}: ")
