@@ -258,6 +258,9 @@ class RetrievalSettings(BaseModel):
     fresh_days: float = 365.0
     # How many recent items seed item-to-item and co-visitation for a user without a current item.
     seed_items: int = 3
+    # Seed items' vectors (item2item) are kept in process this long, and dropped when the live
+    # model version changes: one Milvus round trip less per live request. 0 turns it off.
+    seed_vector_cache_s: float = 60.0
     # Categories (by affinity) the content source searches in.
     content_categories: int = 3
     # Filter ANN by the user's region (items with no regions are shown everywhere).

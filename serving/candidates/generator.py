@@ -43,6 +43,8 @@ RRF_K = 60
 # Sources that only read Redis signals: they run in their own thread pool, so searches that
 # overran their budget on a loaded index can never queue them out of theirs.
 SIGNAL_SOURCES = frozenset({"covisit", "trending_region", "trending"})
+# At most this many seed vectors are cached (64 floats each: ~3 MB); past it the cache starts over.
+SEED_VECTOR_CACHE_ITEMS = 10_000
 
 
 @dataclass
@@ -72,6 +74,9 @@ class CandidateGenerator:
         self.signals = signals
         self.executor = executor or ThreadPoolExecutor(max_workers=16, thread_name_prefix="candidates")
         self.signals_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="candidates-signals")
+        # item id -> (expiry on the monotonic clock, vector), for the model version below.
+        self._vectors: dict[str, tuple[float, np.ndarray]] = {}
+        self._vectors_version: str | None = None
         self.sources: dict[str, Callable[[Request, int], SourceResult]] = {
             "ann": self.ann,
             "item2item": self.item2item,
@@ -106,8 +111,29 @@ class CandidateGenerator:
             return []
         return self._search(request, request.user_vector, k, SearchFilter(region=request.region))
 
+    def seed_vectors(self, request: Request) -> dict[str, np.ndarray]:
+        """The seeds' vectors (in seed order), from the in-process cache where fresh, else the index."""
+        ttl = self.config.seed_vector_cache_s
+        if ttl <= 0:
+            return self.index.vectors(request.seeds, request.timeout_s)
+        model = self.model()
+        version = getattr(model, "version", None)
+        if version != self._vectors_version:  # a new model: new vectors behind the serving alias
+            self._vectors, self._vectors_version = {}, version
+        cache, now = self._vectors, time.monotonic()
+        found = {s: hit[1] for s in request.seeds if (hit := cache.get(s)) is not None and hit[0] > now}
+        missing = [s for s in request.seeds if s not in found]
+        if missing:
+            fetched = self.index.vectors(missing, request.timeout_s)
+            if len(cache) + len(fetched) > SEED_VECTOR_CACHE_ITEMS:
+                cache.clear()
+            for item_id, vector in fetched.items():
+                cache[item_id] = (now + ttl, vector)
+            found.update(fetched)
+        return {s: found[s] for s in request.seeds if s in found}
+
     def item2item(self, request: Request, k: int) -> SourceResult:
-        vectors = self.index.vectors(request.seeds, request.timeout_s)
+        vectors = self.seed_vectors(request)
         if not vectors:
             return []
         per_seed = max(1, k // len(vectors))

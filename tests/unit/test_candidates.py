@@ -232,3 +232,35 @@ def test_sources_left_behind_are_not_logged_as_unretrieved_exceptions() -> None:
 
     gc.collect()
     assert reported == []
+
+
+class CountingIndex(DeadlineIndex):
+    def __init__(self) -> None:  # noqa: D107
+        super().__init__()
+        self.fetched: list[list[str]] = []
+
+    def vectors(self, item_ids, timeout_s=None):
+        self.fetched.append(list(item_ids))
+        return super().vectors(item_ids, timeout_s)
+
+
+class VersionedModel(FixedModel):
+    version = "v1"
+
+
+def test_seed_vectors_are_fetched_once_per_model_version() -> None:
+    index = CountingIndex()
+    model = VersionedModel()
+    gen = CandidateGenerator(RetrievalSettings(seed_vector_cache_s=60), lambda: model, index, MemorySignals())
+    ctx = UserContext(user_id="u", recent=[("a", "click", 0.0), ("b", "click", 0.0)], consumed={"a", "b"})
+    first = gen.generate_sync(ctx)
+    gen.generate_sync(ctx)
+    assert index.fetched == [["a", "b"]]
+    assert [c.item_id for c in gen.generate_sync(ctx)] == [c.item_id for c in first]
+    model.version = "v2"  # a new model went live: its vectors differ
+    gen.generate_sync(ctx)
+    assert index.fetched == [["a", "b"], ["a", "b"]]
+    off = CandidateGenerator(RetrievalSettings(seed_vector_cache_s=0), lambda: model, index, MemorySignals())
+    off.generate_sync(ctx)
+    off.generate_sync(ctx)
+    assert len(index.fetched) == 4
