@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: up down status test lint schemas bench install system-deps compose-check
+.PHONY: up down status test lint schemas bench bench-deps install system-deps compose-check
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,7 +47,13 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
-bench: install
+# The HTTP benchmarks drive the API with wrk (Debian's package); install it where missing (as root).
+bench-deps:
+	@command -v wrk >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	    else echo "wrk is missing: sudo apt-get install -y wrk" >&2; exit 1; fi; }
+
+bench: install bench-deps
 	$(BIN)/python -m bench
 
 # `docker compose` (v2 plugin) where present, else Debian's docker-compose; no engine needed.
