@@ -249,8 +249,8 @@ class MilvusItemIndex:
             ids, scores = getattr(hits, "ids", None), getattr(hits, "distances", None)
             if ids is None or scores is None:
                 ids, scores = [h.get(PK, h.get("id")) for h in hits], [h["distance"] for h in hits]
-            out.append([(str(i), float(s)) for i, s in zip(ids, scores, strict=True)
-                        if str(i) not in flt.exclude][:k])
+            pairs = [(str(i), float(s)) for i, s in zip(ids, scores, strict=True)]
+            out.append([(i, s) for i, s in pairs if i not in flt.exclude][:k])
         return out
 
     def vectors(self, item_ids: Sequence[str], timeout_s: float | None = None) -> dict[str, np.ndarray]:

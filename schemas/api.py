@@ -79,8 +79,9 @@ class RecommendationRequest(Record):
 class RecommendationQuery(BaseModel):
     """The query string of GET /recommendations: the request's fields, flat.
 
-    One model instead of six separate parameters: FastAPI validates it in one
-    pass (its per-parameter machinery was the largest cost of a cached request).
+    The route validates the query string against it itself (serving/routes/
+    recommendations.parse_query: FastAPI's per-request parameter machinery was
+    the largest cost of a cached request); FastAPI only documents it.
     Unknown parameters are ignored, as they would be without a model.
     """
 

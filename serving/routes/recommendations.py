@@ -63,7 +63,7 @@ def parse_query(request: Request) -> RecommendationRequest:
 
     Parsed here rather than declared in the signature: FastAPI re-derives a query
     model's field metadata on every request, which cost ~30% of a cached request's
-    CPU (profiled in process, serving/README numbers in the bench results).
+    handler time (cProfile of cached requests in process).
     """
     try:
         return RecommendationQuery.model_validate(dict(request.query_params)).to_request()
