@@ -32,6 +32,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import subprocess
 import sys
 import time
@@ -258,8 +259,9 @@ SECTIONS = {"quality": _quality, "offline": _offline, "latency": _latency, "inge
             "retrieval": _retrieval}
 
 
-def write_summary(statuses: dict[str, tuple[str, float]] | None = None) -> Path:
-    """bench/results/README.md from every results/*.json (and this run's statuses)."""
+def write_summary(statuses: dict[str, tuple[str, float]] | None = None,
+                  timeline: dict[str, Any] | None = None) -> Path:
+    """bench/results/README.md from every results/*.json (and this run's statuses and timeline)."""
     names = [n for n in ORDER if (RESULTS / f"{n}.json").exists()]
     names += sorted(p.stem for p in RESULTS.glob("*.json") if p.stem not in names)
     lines = ["# Benchmark results", "",
@@ -281,17 +283,27 @@ def write_summary(statuses: dict[str, tuple[str, float]] | None = None) -> Path:
     last_run = RESULTS / "last_run.txt"  # JSON, but not a result: kept out of the *.json glob
     if statuses:
         last_run.write_text(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                        "statuses": statuses}))
+                                        "statuses": statuses, "timeline": timeline or {}}))
     elif last_run.exists():
         saved = json.loads(last_run.read_text())
         statuses = {n: (s, t) for n, (s, t) in saved["statuses"].items()}
+        timeline = saved.get("timeline") or {}
     missing = [n for n in ORDER if n not in results]
     if missing:
         lines += ["", f"No result yet: {', '.join(missing)}."]
     if statuses:
-        total = sum(t for _, t in statuses.values())
+        timeline = timeline or {}
+        total = timeline.get("wall_s") or sum(t for _, t in statuses.values())
+        prebuild = timeline.get("synthetic_prebuild")
+
+        def load(n: str) -> str:
+            return f" (load at its end {timeline[n]['load_average_1_5_15']})" if n in timeline else ""
+
         lines += ["", f"Last `python -m bench` run ({total / 60:.1f} min in all):", "",
-                  *[f"- {n}: {status}{f' in {secs:.0f} s' if secs else ''}" for n, (status, secs) in statuses.items()]]
+                  *[f"- {n}: {status}{f' in {secs:.0f} s' if secs else ''}{load(n)}"
+                    for n, (status, secs) in statuses.items()]]
+        if prebuild:
+            lines.append(f"- synthetic catalogues (built beside offline): ready {prebuild['seconds']:.0f} s after the start")
     for name, r in results.items():
         lines += ["", f"## {name}", ""]
         try:
@@ -320,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("arguments after -- go to one named benchmark")
     names = ORDER if args.benchmark == "all" else [] if args.benchmark == "summary" else [args.benchmark]
     statuses: dict[str, tuple[str, float]] = {}
+    timeline: dict[str, Any] = {}  # per benchmark: start offset, seconds, load average at its end
     started = time.perf_counter()
     previous = last_run_seconds()
     prebuild = SyntheticPrebuild().start() if args.benchmark == "all" else None
@@ -329,15 +342,19 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"== {name}: {WHAT.get(name, '')}")
             if prebuild is not None and name not in BESIDE_PREBUILD:
                 prebuild.wait()
+            phase_started = time.perf_counter()
             statuses[name] = run_one(name, extra)
+            timeline[name] = {"started_s": round(phase_started - started, 1), "seconds": round(statuses[name][1], 1),
+                              "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
             left = sum(previous.get(n, 0.0) for n in names[i + 1:])
-            tqdm.write(f"== {name}: {statuses[name][0]} ({statuses[name][1]:.0f} s); "
+            tqdm.write(f"== {name}: {statuses[name][0]} ({statuses[name][1]:.0f} s, load {os.getloadavg()[0]:.1f}); "
                        f"{(time.perf_counter() - started) / 60:.1f} min so far"
                        + (f", ~{left / 60:.0f} min left by the last run's times" if left else ""))
             bar.update(1)
     if prebuild is not None:
         prebuild.wait()
         tqdm.write(f"== synthetic catalogues ready {prebuild.seconds:.0f} s after the start (built beside offline)")
+        timeline["synthetic_prebuild"] = {"started_s": 0.0, "seconds": round(prebuild.seconds or 0.0, 1)}
         release_synthetic()
     from bench.plots import plot
 
@@ -346,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             plot(name)
         except Exception as exc:  # noqa: BLE001 (a plot must not lose the numbers)
             print(f"plot {name} failed: {exc!r}", file=sys.stderr)
-    path = write_summary(statuses if args.benchmark == "all" else None)
+    if args.benchmark == "all":
+        timeline["wall_s"] = round(time.perf_counter() - started, 1)
+    path = write_summary(statuses if args.benchmark == "all" else None, timeline)
     print(f"summary: {path}")
     if names:
         print(f"total {time.perf_counter() - started:.0f} s: " + ", ".join(f"{n} {s}" for n, (s, _) in statuses.items()))

@@ -283,6 +283,14 @@ def _wait_indexed(client: Any, name: str, n: int, timeout_s: float = 1800, settl
     return time.monotonic() - started
 
 
+def _segment_rows(client: Any, name: str) -> list[int] | None:
+    """Rows of each flushed segment, largest first (how the bulk load was sealed and compacted)."""
+    try:
+        return sorted((int(s.num_rows) for s in client.list_persistent_segments(name)), reverse=True)
+    except Exception:  # noqa: BLE001 (a figure for the record only; an older server may lack the call)
+        return None
+
+
 def _earlier_build(client: Any, name: str, default: Any) -> Any:
     """The figures the build that made this collection stored (None for one built before they were kept)."""
     raw = (client.describe_collection(name).get("properties") or {}).get(BUILD_PROPERTY)
@@ -342,7 +350,8 @@ def _ensure_milvus(settings: Settings, catalog: SyntheticCatalog, progress: bool
                     f.result()
             client.flush(name, timeout=600)
             seconds = time.perf_counter() - started
-            build.update(built_now=True, insert_s=round(seconds, 1), insert_rows_per_s=round(n / seconds))
+            build.update(built_now=True, insert_s=round(seconds, 1), insert_rows_per_s=round(n / seconds),
+                         segments_sealed=_segment_rows(client, name))
             _log(progress, f"{name}: {n:,} rows in {seconds:.0f} s ({n / seconds:,.0f} rows/s)")
             if after_insert is not None:
                 after_insert()
@@ -369,13 +378,15 @@ def _ensure_milvus(settings: Settings, catalog: SyntheticCatalog, progress: bool
         started = time.perf_counter()
         build["compaction_wait_s"] = round(_wait_indexed(client, name, n), 1)
         build["index_wait_s"] = round(time.perf_counter() - started - build["compaction_wait_s"], 1)
+        build["segments"] = _segment_rows(client, name)
         started = time.perf_counter()
         client.load_collection(name, timeout=600)
         build["load_s"] = round(time.perf_counter() - started, 1)
         swap_alias(client, catalog.alias, name)
         build["index"] = vector_index_params(settings)
         if build["built_now"] or rebuild_index:
-            figures = {k: build[k] for k in ("vectors_s", "insert_s", "insert_rows_per_s", "index_build_s") if k in build}
+            figures = {k: build[k] for k in ("vectors_s", "insert_s", "insert_rows_per_s", "index_build_s",
+                                             "segments_sealed", "segments") if k in build}
             figures.update(index_wait_s=build["index_wait_s"], compaction_wait_s=build["compaction_wait_s"],
                            index=build["index"], load_average_1_5_15=[round(x, 2) for x in os.getloadavg()],
                            date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
