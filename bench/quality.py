@@ -64,6 +64,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,8 @@ class LiveSystem(Arm):
         from tests.conftest import free_port
 
         s = self.settings
+        timings = self.info.setdefault("phases_s", {})  # where the run's minutes go
+        t0 = time.perf_counter()
         ensure_topics(s)
         env = {**settings_env(s), "RECSYS_FEATURES__REGISTRY_DIR": str(s.features.registry_dir),
                "RECSYS_OBSERVABILITY__LOG_LEVEL": "WARNING"}
@@ -323,17 +326,28 @@ class LiveSystem(Arm):
 
         self.redis = aioredis.Redis.from_url(s.redis.url)
         self.http = httpx.AsyncClient(base_url=self.api, headers={"x-api-key": self.key}, timeout=30)
+        timings["api_and_flows_start"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         await publish(MovieLens(data.users, data.items, list(warmup)), self.api, self.key, quiet=False)
+        timings["warmup_publish"] = round(time.perf_counter() - t0, 1)
+        # The trainer replays the warm-up from the topics, where it is whole once publish returns,
+        # so it trains while the flows are still processing it (same data either way); the
+        # replay starts when both are done.
+        training = asyncio.create_task(asyncio.to_thread(self.train_and_deploy))
         # Every list starts empty under this run's prefix: a predicted pair makes it non-empty.
         changed = self.expect(warmup)
-        await self.wait_for_flow(list(self.expected), list(self.item_expected), dict.fromkeys(changed, []),
-                                 timeout_s=600)
-        self.info["warmup_ingest_seconds"] = round(time.perf_counter() - t0, 1)
-        await asyncio.to_thread(self.train_and_deploy)
+        try:
+            await self.wait_for_flow(list(self.expected), list(self.item_expected), dict.fromkeys(changed, []),
+                                     timeout_s=600)
+        finally:
+            self.info["warmup_ingest_seconds"] = round(time.perf_counter() - t0, 1)
+            await training
+        timings["warmup_ingest_and_training"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
         from serving.pipeline.factory import build_recommender
 
         self.recommender, self._close = await build_recommender(s)
+        timings["recommender"] = round(time.perf_counter() - t0, 1)
 
     def expect(self, events: Sequence[InteractionEvent]) -> list[str]:
         """Note what the flows will write for these events; returns the items whose co-visitation list must change.
@@ -427,9 +441,14 @@ class LiveSystem(Arm):
 
         s = self.settings
         t0 = time.perf_counter()
-        events, items, users = read_interactions(s, "topic"), read_catalog(s), read_users(s)
+        # Each topic read ends after a streak of empty polls (~2 s): the three wait at once.
+        with ThreadPoolExecutor(3) as pool:
+            reads = pool.submit(read_interactions, s, "topic"), pool.submit(read_catalog, s), pool.submit(read_users, s)
+            events, items, users = (f.result() for f in reads)
+        read_s = time.perf_counter() - t0
         version = new_version()
         model = train_two_tower(events, items, users, s.model, version=version)
+        train_s = time.perf_counter() - t0 - read_s
         path = save_model(s, model)
         client = connect(s)
         name = collection_name(s, version)
@@ -444,9 +463,11 @@ class LiveSystem(Arm):
                                   training_events=len(events), training_items=len(model.item_ids),
                                   training_seconds=float(model.meta.get("training_seconds", 0.0))))
         registry.set_live(version)
+        seconds = time.perf_counter() - t0
         self.info.setdefault("trainings", []).append(
             {"version": version, "events": len(events), "items": len(items), "users": len(users),
-             "seconds": round(time.perf_counter() - t0, 1), "final_loss": model.meta.get("final_loss")})
+             "seconds": round(seconds, 1), "read_s": round(read_s, 1), "train_s": round(train_s, 1),
+             "deploy_s": round(seconds - read_s - train_s, 1), "final_loss": model.meta.get("final_loss")})
         if self.recommender is not None:
             self.recommender.candidates.model.refresh()
 
@@ -557,11 +578,15 @@ async def run(chunk: int, stride: int, warmup_fraction: float, refit_every: int,
             print(f"error: the live system could not be set up: {exc!r}; running baselines only", file=sys.stderr)
             await system.stop()
             system = None
+    t0 = time.perf_counter()
     try:
         result = await replay(data, arms, warmup_fraction, chunk, stride)
     finally:
+        replay_s = time.perf_counter() - t0
         if system is not None:
             await system.stop()
+            system.info.setdefault("phases_s", {}).update(replay=round(replay_s, 1),
+                                                         cleanup=round(time.perf_counter() - t0 - replay_s, 1))
     if system is not None:
         waits = np.array(system.flow_waits or [0.0])
         result["system"] = {**system.info, "served_from": dict(system.served_from),
