@@ -91,20 +91,23 @@ def recall(index: MilvusItemIndex, queries: np.ndarray, truth: list[set[int]], k
 
 
 def measure_memory(settings: Settings, collection: str) -> dict[str, Any]:
-    """Milvus RSS with the collection released, then loaded again (other tenants' activity is noise)."""
+    """Milvus RSS with the collection released, then loaded again (other tenants' activity is noise),
+    and the seconds that load took."""
     client = connect(settings)
     try:
         client.release_collection(collection)
         time.sleep(2)
         released = milvus_rss_mb()
+        started = time.perf_counter()
         client.load_collection(collection, timeout=600)
+        load_s = round(time.perf_counter() - started, 1)
         time.sleep(2)
         loaded = milvus_rss_mb()
     finally:
         client.close()
     if released is None or loaded is None:
-        return {}
-    return {"released": round(released), "loaded": round(loaded), "delta": round(loaded - released)}
+        return {"load_s": load_s}
+    return {"released": round(released), "loaded": round(loaded), "delta": round(loaded - released), "load_s": load_s}
 
 
 def contexts(catalog: SyntheticCatalog, vectors: np.ndarray, requests: int) -> tuple[list[UserContext], np.ndarray]:
@@ -128,10 +131,12 @@ def contexts(catalog: SyntheticCatalog, vectors: np.ndarray, requests: int) -> t
 
 def bench_size(base: Settings, n: int, requests: int) -> dict[str, Any]:
     settings = synthetic_settings(base)
-    catalog = ensure_synthetic_catalog(settings, n, seed=1)
+    # Not loaded here: measure_memory loads it (from released) and times that load.
+    catalog = ensure_synthetic_catalog(settings, n, seed=1, load=False)
     settings.retrieval.serving_alias = catalog.alias
     out: dict[str, Any] = {"items": n, "dim": catalog.dim, "collection": catalog.collection, "build": catalog.build}
     out["milvus_rss_mb"] = measure_memory(settings, catalog.collection)
+    catalog.build["load_s"] = out["milvus_rss_mb"].pop("load_s", None)
     out["raw_vectors_mb"] = round(n * catalog.dim * 4 / 2**20, 1)
     print(f"[{n:,}] build {catalog.build}; Milvus RSS {out['milvus_rss_mb']} MB")
 

@@ -322,7 +322,7 @@ def _column_inserter(settings: Settings, name: str) -> Callable[[dict[str, Any]]
 
 
 def _ensure_milvus(settings: Settings, catalog: SyntheticCatalog, progress: bool,
-                   after_insert: Callable[[], None] | None = None) -> None:
+                   after_insert: Callable[[], None] | None = None, load: bool = True) -> None:
     client = connect(settings)
     name, n, build = catalog.collection, catalog.n_items, catalog.build
     try:
@@ -379,9 +379,10 @@ def _ensure_milvus(settings: Settings, catalog: SyntheticCatalog, progress: bool
         build["compaction_wait_s"] = round(_wait_indexed(client, name, n), 1)
         build["index_wait_s"] = round(time.perf_counter() - started - build["compaction_wait_s"], 1)
         build["segments"] = _segment_rows(client, name)
-        started = time.perf_counter()
-        client.load_collection(name, timeout=600)
-        build["load_s"] = round(time.perf_counter() - started, 1)
+        if load:
+            started = time.perf_counter()
+            client.load_collection(name, timeout=600)
+            build["load_s"] = round(time.perf_counter() - started, 1)
         swap_alias(client, catalog.alias, name)
         build["index"] = vector_index_params(settings)
         if build["built_now"] or rebuild_index:
@@ -396,7 +397,8 @@ def _ensure_milvus(settings: Settings, catalog: SyntheticCatalog, progress: bool
             client.alter_collection_properties(name, properties={BUILD_PROPERTY: json.dumps(figures)})
         else:
             build["earlier_build"] = _earlier_build(client, name, None)
-        _log(progress, f"{name}: indexed (waited {build['index_wait_s']} s), loaded in {build['load_s']} s")
+        _log(progress, f"{name}: indexed (waited {build['index_wait_s']} s)"
+             + (f", loaded in {build['load_s']} s" if load else ", not loaded"))
     finally:
         client.close()
 
@@ -442,9 +444,10 @@ def _ensure_redis(settings: Settings, catalog: SyntheticCatalog, progress: bool)
         r.close()
 
 
-def ensure_synthetic_catalog(settings: Settings, n_items: int, *, seed: int = 1,
-                             progress: bool = True) -> SyntheticCatalog:
-    """The (n_items, seed) catalogue in Milvus (indexed, loaded, behind its alias) and Redis; built if missing."""
+def ensure_synthetic_catalog(settings: Settings, n_items: int, *, seed: int = 1, progress: bool = True,
+                             load: bool = True) -> SyntheticCatalog:
+    """The (n_items, seed) catalogue in Milvus (indexed, loaded unless ``load=False``, behind its alias)
+    and Redis; built if missing."""
     catalog = SyntheticCatalog(n_items=n_items, seed=seed, dim=settings.model.dim)
     started = time.perf_counter()
     # The documents are written while Milvus builds the vector index (Python here, Milvus'
@@ -456,7 +459,7 @@ def ensure_synthetic_catalog(settings: Settings, n_items: int, *, seed: int = 1,
             if not documents:
                 documents.append(pool.submit(_ensure_redis, settings, catalog, progress))
 
-        _ensure_milvus(settings, catalog, progress, after_insert=write_documents)
+        _ensure_milvus(settings, catalog, progress, after_insert=write_documents, load=load)
         write_documents()
         documents[0].result()
     catalog.build["setup_s"] = round(time.perf_counter() - started, 1)
@@ -523,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="drop the synthetic catalogues (every seed, or --seed's) and the documents under "
                              f"the {PREFIX}: prefix: the next build starts from scratch")
     parser.add_argument("--release", action="store_true", help="unload them from Milvus memory")
+    parser.add_argument("--no-load", action="store_true",
+                        help="build (or check) them but leave them unloaded: the retrieval benchmark loads them "
+                             "when it measures Milvus memory, and `make bench` builds them this way")
     args = parser.parse_args(argv)
     settings = synthetic_settings(load_settings())
     if args.drop:
@@ -533,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"released {release_synthetic_catalogs(settings)}")
     else:
         for n in (int(x) for x in args.sizes.split(",") if x):
-            catalog = ensure_synthetic_catalog(settings, n, seed=1 if args.seed is None else args.seed)
+            catalog = ensure_synthetic_catalog(settings, n, seed=1 if args.seed is None else args.seed,
+                                               load=not args.no_load)
             print(f"{catalog.alias} -> {catalog.collection}: {catalog.build}")
     return 0
 
