@@ -52,6 +52,10 @@ class ApiSettings(BaseModel):
     max_batch_events: int = 1000
     # Request bodies over this size get 413 before they are parsed.
     max_body_bytes: int = 2_000_000
+    # GET /recommendations is answered by a pure-ASGI lane in front of FastAPI's
+    # router (serving/routes/recommendations.py, same checks and answers, a
+    # fraction of the per-request cost); false sends it through FastAPI's route.
+    get_recommendations_lane: bool = True
 
 
 # Refused outside development/test (see Settings._check_production).

@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.config import Settings
 from serving.metrics import HTTP_IN_FLIGHT, HTTP_REQUEST_SECONDS, HTTP_REQUESTS
+from serving.metrics import child as metric_child
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _request_id: ContextVar[str] = ContextVar("request_id", default="")
@@ -163,8 +164,8 @@ class RequestContext:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
             method = scope.get("method", "")
-            HTTP_REQUEST_SECONDS.labels(method, route).observe(elapsed)
-            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            metric_child(HTTP_REQUEST_SECONDS, method, route).observe(elapsed)
+            metric_child(HTTP_REQUESTS, method, route, str(status)).inc()
             api_key = scope["state"].get("api_key")
             log_event(
                 _access_log, "http_request",

@@ -23,8 +23,10 @@ sums them, so one scrape sees the whole replica.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import (
@@ -38,6 +40,16 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
+
+
+@functools.cache
+def child(metric: Any, *label_values: str) -> Any:
+    """``metric.labels(*label_values)``, looked up once per label set (it costs microseconds per call).
+
+    Bounded like the metric itself: label values come from small fixed sets.
+    """
+    return metric.labels(*label_values)
+
 
 # Fine buckets below 100 ms: the serving budget lives there (homepage p99 target).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1,

@@ -16,7 +16,7 @@ def _observe(surface_of: Callable[[], str] | None = None) -> Callable[[str, floa
     from serving import metrics
 
     def observe(stage: str, seconds: float) -> None:
-        metrics.PIPELINE_STAGE_SECONDS.labels(stage=stage, surface="all").observe(seconds)
+        metrics.child(metrics.PIPELINE_STAGE_SECONDS, stage, "all").observe(seconds)
 
     return observe
 
@@ -25,9 +25,9 @@ def _count(name: str, label: str) -> None:
     from serving import metrics
 
     if name == "cache":
-        metrics.CACHE_LOOKUPS.labels(cache="recommendations", result=label).inc()
+        metrics.child(metrics.CACHE_LOOKUPS, "recommendations", label).inc()
     elif name == "fallback":
-        metrics.FALLBACKS.labels(reason=label).inc()
+        metrics.child(metrics.FALLBACKS, label).inc()
 
 
 async def build_recommender(
