@@ -3,8 +3,9 @@
 In:  ("profile", UserProfile) | ("user", UserFeatures doc) | ("item", ItemFeatures doc)
      | ("item_meta", (item_id, metadata, catalog updated_at in epoch µs)), on change only
      | ("trending", (region | None, score)), in micro-batches from flows/features.
-Out: one Redis pipeline per batch (SET documents, ZADD trending, trim to the
-     configured size) and one Feast ``online_write_batch`` per feature view.
+Out: one batch of Redis commands per micro-batch: SET documents, ZADD trending and
+     trim to the configured size, one HSET per entity into Feast's online store layout
+     (feature_repo.store.OnlineWriter).
 
 Every write is an overwrite keyed by entity, so replaying a batch is harmless.
 """
@@ -18,6 +19,7 @@ from typing import Any
 import orjson
 from bytewax.outputs import StatelessSinkPartition
 
+from feature_repo.store import execute_commands
 from flows._common import WriteLoad, redis_client
 from schemas.catalog import UserProfile
 from serving.config import Settings
@@ -110,25 +112,28 @@ class FeaturePartition(StatelessSinkPartition[Any]):
             elif kind == "trending":
                 region, (item_id, score) = payload[0], payload[1]
                 trending.setdefault(region, {})[item_id] = score
-        pipe = self.client.pipeline(transaction=False)
+        # Documents, trending lists and Feast rows go out as one batch of commands: one
+        # round trip per micro-batch.
+        commands: list[tuple[Any, ...]] = []
         for user_id, doc in users.items():
-            pipe.set(self.keys.user_features(user_id), orjson.dumps(doc))
+            commands.append(("SET", self.keys.user_features(user_id), orjson.dumps(doc)))
         for item_id, doc in items_.items():
-            pipe.set(self.keys.item_features(item_id), orjson.dumps(doc))
+            commands.append(("SET", self.keys.item_features(item_id), orjson.dumps(doc)))
         for user_id, profile in profiles.items():
-            pipe.set(self.keys.user_profile(user_id), profile.to_json())
+            commands.append(("SET", self.keys.user_profile(user_id), profile.to_json()))
         keep = self.settings.features.trending_keep
         for region, scores in trending.items():
             key = self.keys.trending(region)
-            pipe.zadd(key, scores)
+            commands.append(("ZADD", key, *(part for item_id, score in scores.items() for part in (score, item_id))))
             # Keep the top `keep` (plus slack so a trim is not needed on every batch).
-            pipe.zremrangebyrank(key, 0, -(keep + 1))
-        pipe.execute()
-        self._write_feast(users, items_, metas, profiles)
+            commands.append(("ZREMRANGEBYRANK", key, 0, -(keep + 1)))
+        commands += self._feast_commands(users, items_, metas, profiles)
+        execute_commands(self.client, commands)
         self.writes += len(users) + len(items_) + len(profiles)
 
-    def _write_feast(self, users: dict[str, dict[str, Any]], items: dict[str, dict[str, Any]],
-                     metas: dict[str, tuple[dict[str, Any], int]], profiles: dict[str, UserProfile]) -> None:
+    def _feast_commands(self, users: dict[str, dict[str, Any]], items: dict[str, dict[str, Any]],
+                        metas: dict[str, tuple[dict[str, Any], int]],
+                        profiles: dict[str, UserProfile]) -> list[tuple[Any, ...]]:
         rows: dict[str, list[tuple[str, dict[str, Any], datetime | int]]] = {}
         short, long = rows.setdefault("user_short_term", []), rows.setdefault("user_long_term", [])
         for user_id, doc in users.items():
@@ -144,7 +149,7 @@ class FeaturePartition(StatelessSinkPartition[Any]):
                                  for item_id, (meta, meta_us) in metas.items()]
         rows["user_profile"] = [(user_id, profile_row(profile), profile.updated_at.astimezone(UTC))
                                 for user_id, profile in profiles.items()]
-        self.feast.write_many({view: batch for view, batch in rows.items() if batch})
+        return self.feast.commands({view: batch for view, batch in rows.items() if batch})
 
     def close(self) -> None:
         self.client.close()
