@@ -15,6 +15,7 @@ import orjson
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 
 from infra.apikeys import create_key
 from schemas.security import ApiScope
@@ -98,12 +99,21 @@ def test_metrics_and_access_labels_name_the_route(clients: dict[bool, TestClient
                                                   cached_user: str) -> None:
     headers = _reader(settings)
     client = clients[True]
+
+    def served(route: str, status: str) -> float:
+        # The registry is per process (other tests count too): compare before and after.
+        labels = {"method": "GET", "route": route, "status": status}
+        return REGISTRY.get_sample_value("recsys_http_requests_total", labels) or 0.0
+
+    before = {(r, s): served(r, s) for r in ("/recommendations", "<unmatched>") for s in ("200", "422")}
     assert client.get(f"/recommendations?user_id={cached_user}", headers=headers).status_code == 200
     assert client.get("/recommendations?user_id=u1&limit=0", headers=headers).status_code == 422
-    metrics = client.get("/metrics").text
-    for status in ("200", "422"):
-        assert f'recsys_http_requests_total{{method="GET",route="/recommendations",status="{status}"}}' in metrics
-    assert 'route="<unmatched>"' not in metrics
+    after = {key: served(*key) for key in before}
+    assert after[("/recommendations", "200")] - before[("/recommendations", "200")] == 1
+    assert after[("/recommendations", "422")] - before[("/recommendations", "422")] == 1
+    assert after[("<unmatched>", "200")] == before[("<unmatched>", "200")]
+    assert after[("<unmatched>", "422")] == before[("<unmatched>", "422")]
+    assert 'route="/recommendations",status="200"' in client.get("/metrics").text
 
 
 def test_other_routes_and_methods_pass_through(clients: dict[bool, TestClient], settings: Settings,
