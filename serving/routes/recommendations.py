@@ -43,8 +43,9 @@ def _recommender(request: Request) -> Recommender:
     return request.app.state.recommender  # type: ignore[no-any-return]
 
 
-def _request_id(request: Request) -> str:
-    return getattr(request.state, "request_id", None) or uuid.uuid4().hex
+def _request_id(scope: Scope) -> str:
+    # RequestContext put the caller's (or a new) id in the scope's state; set outside it, one is made here.
+    return scope.get("state", {}).get("request_id") or uuid.uuid4().hex
 
 
 def _json(response: RecommendationResponse) -> Response:
@@ -82,13 +83,13 @@ def parse_query(params: Mapping[str, str]) -> RecommendationRequest:
             openapi_extra={"parameters": query_parameters()})
 async def get_recommendations(request: Request) -> Response:
     """Personalised list for a surface; ``served_from`` says whether it came from cache, live or a fallback."""
-    return _json(await _recommender(request).recommend(parse_query(dict(request.query_params)), _request_id(request)))
+    return _json(await _recommender(request).recommend(parse_query(dict(request.query_params)), _request_id(request.scope)))
 
 
 @router.post("", response_model=RecommendationResponse, responses=_ERRORS)
 async def post_recommendations(request: Request, body: RecommendationRequest) -> Response:
     """The spec's JSON request body form of GET /recommendations."""
-    return _json(await _recommender(request).recommend(body, _request_id(request)))
+    return _json(await _recommender(request).recommend(body, _request_id(request.scope)))
 
 
 @router.get("/cached", response_model=CachedRecommendationsResponse,
@@ -136,8 +137,7 @@ class GetRecommendationsLane:
             authenticator: ApiKeyAuthenticator = app.state.authenticator
             state["api_key"] = await authenticator.authenticate(api_key_from(Headers(scope=scope)), ApiScope.recs_read)
             params = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
-            request_id = state.get("request_id") or uuid.uuid4().hex
-            response = await app.state.recommender.recommend(parse_query(params), request_id)
+            response = await app.state.recommender.recommend(parse_query(params), _request_id(scope))
         except (ApiError, RequestValidationError) as exc:
             handler = app.exception_handlers[ApiError if isinstance(exc, ApiError) else RequestValidationError]
             await (await handler(Request(scope, receive), exc))(scope, receive, send)
