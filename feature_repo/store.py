@@ -87,7 +87,6 @@ def feature_store(settings: Settings, apply: bool = True) -> FeatureStore:
 # protobuf message per value was most of the sink's time, so the few shapes the
 # views use are encoded here byte for byte as protobuf does (a unit test compares
 # them with ValueProto(...).SerializeToString() value by value).
-_DOUBLE = struct.Struct("<d").pack
 _NULL = b""  # ValueProto() with no value set
 
 
