@@ -111,6 +111,32 @@ def test_item_stats_do_not_depend_on_arrival_order() -> None:
     assert a["trending_score"] == pytest.approx(b["trending_score"], rel=1e-12)
 
 
+def test_window_sums_kept_as_events_arrive_equal_a_recount_of_the_buckets() -> None:
+    # Late events, events older than the window, watermark jumps of hours and of weeks.
+    rng = random.Random(11)
+    times = [rng.choice([rng.uniform(0, 3 * 86400), rng.uniform(20 * 86400, 21 * 86400)]) for _ in range(600)]
+    logic = ItemLogic(CFG, None)
+    for i, at in enumerate(times):
+        kind = rng.choice(["view", "click", "like", "skip", "watch", "impression"])
+        logic.on_batch([("event", (event(i, kind=kind, at=at, value=rng.uniform(1, 600) if kind == "watch" else None),
+                                   "ca"))])
+        if i % 50 == 0:
+            kept = [list(total) for total in logic.state.window_sums]
+            recount = pickle.loads(pickle.dumps(logic.state))
+            recount.window_sums = None
+            assert item_document(recount, CFG)["windows"] == item_document(logic.state, CFG)["windows"]
+            assert kept == recount.window_sums
+    windows = item_document(logic.state, CFG)["windows"]
+    assert windows["7d"]["views"] > 0 and windows["1h"]["views"] <= windows["24h"]["views"] <= windows["7d"]["views"]
+
+
+def test_watch_time_windows_do_not_depend_on_arrival_order() -> None:
+    events = [event(i, kind="watch", at=(i * 7919) % 20000, value=0.1 + i / 7) for i in range(200)]
+    shuffled = events[:]
+    random.Random(6).shuffle(shuffled)
+    assert replay_item(events)["windows"] == replay_item(shuffled)["windows"]
+
+
 def test_trending_score_ranks_recent_popularity() -> None:
     old = replay_item([event(i, at=0) for i in range(10)])
     new = replay_item([event(i, at=2 * 86400) for i in range(3)])
@@ -144,12 +170,18 @@ def test_item_metadata_is_written_when_the_catalog_record_changes_only() -> None
 
 
 def test_snapshots_from_before_shared_hourly_buckets_restore_the_same_windows() -> None:
-    events = [event(i, kind=["view", "click", "like", "skip"][i % 4], at=i * 917) for i in range(400)]
+    events = [event(i, kind=["view", "click", "like", "skip", "watch"][i % 5], at=i * 917,
+                    value=12.345 if i % 5 == 4 else None) for i in range(400)]
     logic = ItemLogic(CFG, None)
     for e in events:
         logic.on_batch([("event", (e, "ca"))])
     old = pickle.loads(pickle.dumps(logic.state))
-    # The layout older snapshots have: one bucket series per window name (24h a subset of 7d).
+    # The layout older snapshots have: one bucket series per window name (24h a subset of 7d),
+    # watch time in float seconds, no window sums.
+    old.window_sums = old.window_starts = None
+    for series in old.buckets.values():
+        for bucket in series.values():
+            bucket[:] = [*map(float, bucket[:4]), bucket[4] / 1000]
     hourly = old.buckets[3600]
     old.buckets = {"1h": old.buckets[300], "7d": hourly,
                    "24h": {i: b for i, b in hourly.items() if i * 3600 > old.watermark - 86400 - 7200}}
