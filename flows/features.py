@@ -216,8 +216,11 @@ def _rebuild_windows(state: ItemState) -> None:
         state.window_sums.append([sum(column) for column in zip(*inside, strict=True)] if inside else [0] * 5)
 
 
-def _slide_windows(state: ItemState) -> None:
-    """The watermark moved on: buckets that left each window leave its sums."""
+def _slide_windows(state: ItemState) -> float:
+    """The watermark moved on: buckets that left each window leave its sums.
+
+    Returns the watermark at which a window next moves (until then this is a no-op).
+    """
     starts, sums = state.window_starts, state.window_sums
     assert starts is not None and sums is not None
     for w, (_, span, size) in enumerate(WINDOWS):
@@ -234,6 +237,8 @@ def _slide_windows(state: ItemState) -> None:
                 for k in range(5):
                     total[k] -= bucket[k]
         starts[w] = start
+    # A window's start moves once (watermark - span) reaches its next bucket.
+    return min(start * size + span for start, (_, span, size) in zip(starts, WINDOWS, strict=True))
 
 
 def _meta_from_record(record: ItemRecord) -> dict[str, Any]:
@@ -259,6 +264,7 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
         self.windows_of = {size: [w for w, (_, _, sz) in enumerate(WINDOWS) if sz == size] for size, _ in SERIES}
         if self.state.window_sums is None:
             _rebuild_windows(self.state)
+        self.next_slide = _slide_windows(self.state)
         self.next_flush = flush_deadline_for(cfg) if self.state.dirty else None
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
@@ -292,7 +298,8 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
         s.changes += 1
         if ts > s.watermark:
             s.watermark = ts
-            _slide_windows(s)
+            if ts >= self.next_slide:
+                self.next_slide = _slide_windows(s)
         # Windows are as of the item's newest event. Buckets are kept for span +
         # lateness behind it; an event older than that could never be inside a window
         # again (the newest time only grows), so skipping it keeps the result the same
