@@ -148,10 +148,13 @@ class ItemState:
     # bucket size (s) -> bucket index -> [views, clicks, likes, skips, watch milliseconds]
     buckets: dict[int, dict[int, list[int]]] = field(default_factory=dict)
     # Per WINDOWS entry: the sums of its buckets from window_starts[w] on, kept as
-    # events arrive and the watermark moves, so a flush reads 15 numbers instead of
-    # summing up to 170 buckets. None in snapshots from before (rebuilt on restore).
+    # events arrive, so a flush reads 15 numbers instead of summing up to 170
+    # buckets. When the watermark reaches window_next a window moves: the sums are
+    # dropped (None) and recounted from the buckets at the next flush, at most once
+    # per 5 minutes of event time in a live stream, once per flush in a replay.
     window_sums: list[list[int]] | None = None
     window_starts: list[int] | None = None
+    window_next: float = 0.0
     # region ("" = global) -> ln(sum of w * exp(t / tau))
     trending: dict[str, float] = field(default_factory=dict)
     dirty_trending: set[str] = field(default_factory=set)
@@ -208,37 +211,15 @@ def _window_sums(state: ItemState) -> list[list[int]]:
 
 
 def _rebuild_windows(state: ItemState) -> None:
-    """Window sums from the buckets (new states, and snapshots from before they were kept)."""
+    """Window sums counted from the buckets, and the watermark at which a window next moves."""
     state.window_starts = [_window_start(state.watermark, span, size) for _, span, size in WINDOWS]
     state.window_sums = []
     for (_, _, size), start in zip(WINDOWS, state.window_starts, strict=True):
         inside = [bucket for index, bucket in state.buckets.get(size, {}).items() if index >= start]
         state.window_sums.append([sum(column) for column in zip(*inside, strict=True)] if inside else [0] * 5)
-
-
-def _slide_windows(state: ItemState) -> float:
-    """The watermark moved on: buckets that left each window leave its sums.
-
-    Returns the watermark at which a window next moves (until then this is a no-op).
-    """
-    starts, sums = state.window_starts, state.window_sums
-    assert starts is not None and sums is not None
-    for w, (_, span, size) in enumerate(WINDOWS):
-        start, old = _window_start(state.watermark, span, size), starts[w]
-        if start <= old:
-            continue
-        buckets = state.buckets.get(size, {})
-        # A jump of months (a replay of old data) walks the buckets, not the range.
-        leaving = [buckets.get(i) for i in range(old, start)] if start - old <= len(buckets) else \
-            [bucket for i, bucket in buckets.items() if old <= i < start]
-        total = sums[w]
-        for bucket in leaving:
-            if bucket:
-                for k in range(5):
-                    total[k] -= bucket[k]
-        starts[w] = start
     # A window's start moves once (watermark - span) reaches its next bucket.
-    return min(start * size + span for start, (_, span, size) in zip(starts, WINDOWS, strict=True))
+    state.window_next = min(start * size + span for start, (_, span, size) in zip(state.window_starts, WINDOWS,
+                                                                                     strict=True))
 
 
 def _meta_from_record(record: ItemRecord) -> dict[str, Any]:
@@ -262,9 +243,6 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
                        for size, span in SERIES]
         # Bucket size -> the WINDOWS entries that read that series.
         self.windows_of = {size: [w for w, (_, _, sz) in enumerate(WINDOWS) if sz == size] for size, _ in SERIES}
-        if self.state.window_sums is None:
-            _rebuild_windows(self.state)
-        self.next_slide = _slide_windows(self.state)
         self.next_flush = flush_deadline_for(cfg) if self.state.dirty else None
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
@@ -298,8 +276,8 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
         s.changes += 1
         if ts > s.watermark:
             s.watermark = ts
-            if ts >= self.next_slide:
-                self.next_slide = _slide_windows(s)
+            if ts >= s.window_next:
+                s.window_sums = None  # a window moved: recounted when next read
         # Windows are as of the item's newest event. Buckets are kept for span +
         # lateness behind it; an event older than that could never be inside a window
         # again (the newest time only grows), so skipping it keeps the result the same
@@ -309,7 +287,6 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
         watch_ms = round(seconds * WATCH_MS)
         if slot is not None or watch_ms:
             starts, sums = s.window_starts, s.window_sums
-            assert starts is not None and sums is not None
             for size, keep_s, limit in self.series:
                 oldest = int((s.watermark - keep_s) // size)
                 index = int(ts // size)
@@ -324,17 +301,22 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
                         bucket[slot] += 1
                     bucket[4] += watch_ms
                     # Windows start after the oldest bucket kept: a bucket inside one is kept.
-                    for w in self.windows_of[size]:
-                        if index >= starts[w]:
+                    for w in self.windows_of[size] if sums is not None else ():
+                        if index >= starts[w]:  # type: ignore[index]
                             if slot is not None:
                                 sums[w][slot] += 1
                             sums[w][4] += watch_ms
                 # Buckets are mostly added in time order: the first one is usually the
                 # oldest, so a watermark that moved on shows there (a recovery snapshot
                 # pickles every bucket of the item; stale ones only cost).
-                if len(buckets) > limit or (buckets and next(iter(buckets)) < oldest):
+                if len(buckets) > limit:
                     for stale in [i for i in buckets if i < oldest]:
                         del buckets[stale]
+                else:
+                    first = next(iter(buckets), None)
+                    while first is not None and first < oldest:
+                        del buckets[first]
+                        first = next(iter(buckets), None)
         # Trending is a sum of w * exp(t / tau) (kept as a log): the same in any order.
         weight = TRENDING_WEIGHT.get(kind)
         if weight:
@@ -391,12 +373,14 @@ def _restore(state: Any) -> Any:
         # Snapshots before the bucket series were shared: the 7d hourly buckets hold
         # the 24h window's too, "1h" is the 5-minute series.
         state.buckets = {300: old.get("1h", {}), 3600: old["7d"]}
-    if state.window_sums is None:
-        # Snapshots before window sums were kept held watch time as float seconds.
+    if "window_next" not in vars(state):
+        # A snapshot from before window sums were kept (every ItemState made since has
+        # the field in its __dict__): its buckets held watch time in float seconds.
         for series in state.buckets.values():
             for bucket in series.values():
                 bucket[:] = [*map(int, bucket[:4]), round(bucket[4] * WATCH_MS)]
-        _rebuild_windows(state)
+        state.window_sums = None
+        state.window_next = 0.0
     return state
 
 
