@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+from collections import deque
 
 import pytest
 
@@ -11,9 +12,11 @@ from flows._common import WriteLoad
 from flows.covisit import Neighbours, top_neighbours
 from flows.features import (
     DedupLogic,
+    DedupState,
     ItemLogic,
     ItemState,
     UserLogic,
+    UserState,
     _restore,
     flush_deadline_for,
     item_document,
@@ -48,6 +51,21 @@ def replay_item(events: list[InteractionEvent], category: str = "Drama") -> dict
     for e in events:
         logic.on_batch([("event", (e, "ca"))])
     return item_document(logic.state, CFG)
+
+
+def test_user_snapshots_leave_out_the_maps_the_sorted_lists_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
+    logic = UserLogic(CFG, None)
+    kinds = ["view", "skip", "like"]
+    for i in range(400):
+        logic.on_batch([(event(i, item=f"m{i % 150}", kind=kinds[i % 3]), "Drama")])
+    snapshot = logic.snapshot()
+    with monkeypatch.context() as patch:
+        patch.delattr(UserState, "__getstate__")
+        old_layout = logic.snapshot()  # what snapshots held before: the maps too
+    assert len(snapshot) < 0.8 * len(old_layout)
+    for restored in (UserLogic(CFG, snapshot).state, UserLogic(CFG, old_layout).state):
+        assert restored.consumed == logic.state.consumed and restored.skipped == logic.state.skipped
+        assert user_document(restored, CFG) == user_document(logic.state, CFG)
 
 
 def test_user_features_do_not_depend_on_arrival_order() -> None:
@@ -156,6 +174,20 @@ def test_dedup_drops_repeated_event_ids_and_fills_region() -> None:
     assert [e.event_id for e, _ in events] == ["e1", "e2"] and all(region == "ca" for _, region in events)
     restored = DedupLogic(CFG, logic.snapshot())  # the snapshot is what recovery restores
     assert list(restored.on_batch([("event", event(2))])[0]) == []
+
+
+def test_dedup_remembers_the_newest_ids_and_restores_snapshots_that_held_the_ids() -> None:
+    cfg = CFG.model_copy(update={"dedup_ids": 3})
+    logic = DedupLogic(cfg, None)
+    logic.on_batch([("event", event(i)) for i in range(1, 6)])  # remembers e3, e4, e5
+    assert [e.event_id for _, (e, _) in logic.on_batch([("event", event(i)) for i in (1, 4, 5)])[0]] == ["e1"]
+    assert len(pickle.dumps(logic.state)) < 200  # digests pickle as raw bytes
+    old = DedupState(region="ca")  # the layout before digests: a deque of the ids
+    del old.__dict__["digests"]
+    old.ids = deque(["e1", "e2"])
+    restored = DedupLogic(CFG, pickle.dumps(old))
+    out, _ = restored.on_batch([("event", event(1)), ("event", event(3))])
+    assert [(e.event_id, region) for _, (e, region) in out] == [("e3", "ca")]
 
 
 def test_item_metadata_is_written_when_the_catalog_record_changes_only() -> None:
