@@ -78,7 +78,7 @@ WINDOWS = (("1h", 3600, 300), ("24h", 86400, 3600), ("7d", 7 * 86400, 3600))  # 
 # read the same hourly buckets, so an event updates two series, not three.
 SERIES = tuple((size, max(span for _, span, sz in WINDOWS if sz == size))
                for size in sorted({size for _, _, size in WINDOWS}))
-STAT_INDEX = {"view": 0, "click": 1, "like": 2, "skip": 3}  # bucket slots; slot 4 = watch seconds
+STAT_INDEX = {"view": 0, "click": 1, "like": 2, "skip": 3}  # bucket slots; slot 4 = watch milliseconds
 STAT_NAMES = ("views", "clicks", "likes", "skips", "watch_seconds")
 # Watch time is bucketed in whole milliseconds: every bucket and window sum is then an
 # integer, exact in any order of addition and removal (a float sum is not).
