@@ -174,12 +174,6 @@ def value_encoder(dtype: Any) -> Callable[[Any], bytes]:
     raise TypeError(f"no proto mapping for {dtype}")
 
 
-def encoder(dtype: Any) -> Callable[[Any], bytes]:
-    """python value (None = unset) -> serialized ValueProto, for one Feast dtype."""
-    encode = value_encoder(dtype)
-    return lambda v: _NULL if v is None else encode(v)
-
-
 def execute_commands(client: Any, commands: list[tuple[Any, ...]]) -> None:
     """Send ``commands`` (argument tuples) to Redis in one write and read every reply.
 

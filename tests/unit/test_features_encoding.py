@@ -16,7 +16,8 @@ from feast.types import Array, Float64, Int64, String
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from feature_repo import feature_definitions as defs
-from feature_repo.store import _epoch_us, encoder, timestamp_bytes
+from feature_repo.store import OnlineWriter, _epoch_us, timestamp_bytes, value_encoder
+from serving.config import load_settings
 
 CASES = [
     (String, ["", "a", "Drama", "é漢字🙂", "x" * 300, 42], lambda v: ValueProto(string_val=str(v))),
@@ -33,16 +34,24 @@ CASES = [
 
 @pytest.mark.parametrize(("dtype", "values", "reference"), CASES, ids=[str(c[0]) for c in CASES])
 def test_values_encode_exactly_as_protobuf(dtype, values, reference) -> None:
-    encode = encoder(dtype)
+    encode = value_encoder(dtype)
     for value in values + values:  # twice: repeated list elements come from a cache
         assert encode(value) == reference(value).SerializeToString(), value
-    assert encode(None) == ValueProto().SerializeToString()
+
+
+def test_the_writer_encodes_a_missing_value_as_an_unset_value() -> None:
+    writer = OnlineWriter(load_settings(environment="test"))  # builds commands only: no Redis I/O
+    [command] = writer.commands({"user_profile": [("u1", {"region": "ca"}, 1_000_000)]})
+    fields = dict(zip(command[2::2], command[3::2], strict=True))
+    encoded = [value for name, value in fields.items() if not str(name).startswith("_ts:")]
+    assert ValueProto(string_val="ca").SerializeToString() in encoded
+    assert encoded.count(ValueProto().SerializeToString()) == len(encoded) - 1  # every feature not given
 
 
 def test_every_view_field_has_an_encoder() -> None:
     for view in defs.FEATURE_VIEWS:
         for feature in view.features:
-            encoder(feature.dtype)
+            value_encoder(feature.dtype)
 
 
 @pytest.mark.parametrize("epoch_us", [0, 1, 999_999, 1_000_000, 1_714_564_800_123_456, 1_714_564_800_000_000,
