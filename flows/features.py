@@ -78,6 +78,8 @@ WINDOWS = (("1h", 3600, 300), ("24h", 86400, 3600), ("7d", 7 * 86400, 3600))  # 
 # read the same hourly buckets, so an event updates two series, not three.
 SERIES = tuple((size, max(span for _, span, sz in WINDOWS if sz == size))
                for size in sorted({size for _, _, size in WINDOWS}))
+# Bucket size -> the WINDOWS entries that read that series.
+WINDOWS_OF = {size: tuple(w for w, (_, _, sz) in enumerate(WINDOWS) if sz == size) for size, _ in SERIES}
 STAT_INDEX = {"view": 0, "click": 1, "like": 2, "skip": 3}  # bucket slots; slot 4 = watch milliseconds
 STAT_NAMES = ("views", "clicks", "likes", "skips", "watch_seconds")
 # Watch time is bucketed in whole milliseconds: every bucket and window sum is then an
@@ -254,8 +256,6 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
         # (bucket size, how far behind the newest event buckets are kept, bucket count that triggers a trim)
         self.series = [(size, span + cfg.lateness_s, span // size + cfg.lateness_s // size + 2)
                        for size, span in SERIES]
-        # Bucket size -> the WINDOWS entries that read that series.
-        self.windows_of = {size: [w for w, (_, _, sz) in enumerate(WINDOWS) if sz == size] for size, _ in SERIES}
         self.next_flush = flush_deadline_for(cfg) if self.state.dirty else None
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
@@ -314,7 +314,7 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
                         bucket[slot] += 1
                     bucket[4] += watch_ms
                     # Windows start after the oldest bucket kept: a bucket inside one is kept.
-                    for w in self.windows_of[size] if sums is not None else ():
+                    for w in WINDOWS_OF[size] if sums is not None else ():
                         if index >= starts[w]:  # type: ignore[index]
                             if slot is not None:
                                 sums[w][slot] += 1
