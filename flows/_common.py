@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -135,6 +137,7 @@ class _KafkaPartition(StatefulSourcePartition[Message, int]):
             self.shared.fill(self.batch_size)
         if not self.queued:
             self.awake = datetime.now(UTC) + _IDLE_POLL
+            ReadLag.note_empty(self.topic, self.partition)
             return []
         self.awake = None
         batch = []
@@ -152,6 +155,7 @@ class _KafkaPartition(StatefulSourcePartition[Message, int]):
                                  msg.timestamp()[1]))
         if batch:
             self.offset = batch[-1].offset + 1
+            ReadLag.note(self.topic, self.partition, batch[-1].timestamp_ms)
         return batch
 
     def next_awake(self) -> datetime | None:
@@ -161,6 +165,7 @@ class _KafkaPartition(StatefulSourcePartition[Message, int]):
         return self.offset
 
     def close(self) -> None:
+        ReadLag.forget(self.topic, self.partition)
         if self.shared.remove(self):
             self.on_close()
 
@@ -232,22 +237,24 @@ def to_message(raw: Any) -> Message:
 def parse_with(models: dict[str, type[BaseModel]], source: str) -> Callable[[Message], tuple[str, Any]]:
     """topic -> model; returns ("ok", (topic, record)) or ("dead", DeadLetterRecord)."""
 
+    def dead(message: Message, reason: str) -> tuple[str, Any]:
+        return "dead", DeadLetterRecord.wrap(
+            source=source, reason=reason, payload=message.value or b"", topic=message.topic,
+            partition=message.partition, offset=message.offset,
+            key=message.key.decode("utf-8", "replace") if message.key else None)
+
     def parse(message: Message) -> tuple[str, Any]:
         model = models.get(message.topic)
-        where = {"topic": message.topic, "partition": message.partition, "offset": message.offset,
-                 "key": message.key.decode("utf-8", "replace") if message.key else None}
         if model is None:
-            return "dead", DeadLetterRecord.wrap(source=source, reason=f"unexpected topic {message.topic}",
-                                                 payload=message.value, **where)
+            return dead(message, f"unexpected topic {message.topic}")
         if not message.value:
-            return "dead", DeadLetterRecord.wrap(source=source, reason="empty payload", payload=b"", **where)
+            return dead(message, "empty payload")
         try:
             return "ok", (message.topic, model.model_validate_json(message.value))
         except ValidationError as exc:
             reason = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}"
                                for e in exc.errors()[:5])
-            return "dead", DeadLetterRecord.wrap(source=source, reason=f"invalid {model.__name__}: {reason}",
-                                                 payload=message.value, **where)
+            return dead(message, f"invalid {model.__name__}: {reason}")
 
     return parse
 
@@ -294,12 +301,17 @@ def read_records(flow: Dataflow, flow_name: str, settings: Settings, io: FlowIO,
         progress.note_messages(messages)
         return [parse(m) for m in messages]
 
-    # One Python call per batch, not per message and step: this is every event's path.
-    parsed = op.flat_map_batch(parse_step, raw, parse_batch)
-    ok_or_dead = op.branch("split_dead_letters", parsed, lambda r: r[0] == "ok")
-    route_dead_letters(settings, flow_name, op.map("dead_record", ok_or_dead.falses, lambda r: r[1]),
+    # One Python call per batch, not per message and step: this is every event's path
+    # (a branch or a map calls Python once per item).
+    parsed = op.flat_map_batch(parse_step, raw, parse_batch)  # ("ok", (topic, record)) | ("dead", DeadLetterRecord)
+    route_dead_letters(settings, flow_name, op.flat_map_batch("dead_record", parsed, partial(_tagged, "dead")),
                        io.dead_letters)
-    return op.map("record", ok_or_dead.trues, lambda r: r[1])  # (topic, record)
+    return op.flat_map_batch("record", parsed, partial(_tagged, "ok"))  # (topic, record)
+
+
+def _tagged(tag: str, batch: list[tuple[str, Any]]) -> list[Any]:
+    """The payloads of a batch of (tag, payload) pairs that carry ``tag``: a branch in one call per batch."""
+    return [payload for kind, payload in batch if kind == tag]
 
 
 class PartitionPerWorker(DynamicSink[Any]):
@@ -342,6 +354,51 @@ class RedisStatsSink(DynamicSink[Any]):
 
 def redis_client(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis.url, socket_timeout=5.0, socket_connect_timeout=5.0)
+
+
+class ReadLag:
+    """How far behind real time this process reads the log (a backlog: a restart, a burst, a replay).
+
+    Each Kafka partition notes the age of the newest record of every batch it
+    reads (now minus the record's broker timestamp). A partition whose polls have
+    found nothing new for ``IDLE_S`` is caught up (0): a single empty poll is
+    not enough, since under a backlog the local queue also runs dry while the
+    next fetch is in flight. The features flow stretches its flush interval with
+    the largest (flows/features.flush_interval): while it reads old records, a
+    key's events coalesce into fewer writes, so each event costs less and the
+    backlog drains sooner; the events it holds are late anyway.
+
+    The timestamps are the producers' (CreateTime): a producer whose clock runs
+    behind makes its records look old. Keep producer clocks in sync, or set the
+    topic's ``message.timestamp.type`` to LogAppendTime (the broker's clock).
+    """
+
+    IDLE_S = 0.1  # several fetch waits (features.kafka_fetch_wait_ms)
+    # (topic, partition) -> [age of the newest record read (s), time.monotonic() of the
+    # first empty poll since (None while records keep coming)]
+    _parts: dict[tuple[str, int], list[Any]] = {}
+
+    @classmethod
+    def note(cls, topic: str, partition: int, newest_ms: float) -> None:
+        """A batch was read; its newest record was produced at ``newest_ms`` (epoch ms)."""
+        cls._parts[(topic, partition)] = [max(0.0, time.time() - newest_ms / 1000) if newest_ms > 0 else 0.0, None]
+
+    @classmethod
+    def note_empty(cls, topic: str, partition: int) -> None:
+        part = cls._parts.get((topic, partition))
+        if part is not None and part[1] is None:
+            part[1] = time.monotonic()
+
+    @classmethod
+    def forget(cls, topic: str, partition: int) -> None:
+        cls._parts.pop((topic, partition), None)
+
+    @classmethod
+    def current(cls) -> float:
+        """Seconds the most lagging partition this process reads is behind (0: all caught up)."""
+        now = time.monotonic()
+        return max((age for age, empty_since in cls._parts.values()
+                    if empty_since is None or now - empty_since < cls.IDLE_S), default=0.0)
 
 
 class WriteLoad:

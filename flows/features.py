@@ -56,6 +56,7 @@ from bytewax.operators import StatefulBatchLogic
 from flows._common import (
     FlowIO,
     PartitionPerWorker,
+    ReadLag,
     WriteLoad,
     dead_letter_sink,
     ensure_recovery_dir,
@@ -85,6 +86,9 @@ STAT_NAMES = ("views", "clicks", "likes", "skips", "watch_seconds")
 # Watch time is bucketed in whole milliseconds: every bucket and window sum is then an
 # integer, exact in any order of addition and removal (a float sum is not).
 WATCH_MS = 1000
+# Reading records this many seconds old, the flush interval is this share of it (capped):
+# a backlog drains with fewer, bigger writes and its events wait at most half again as long.
+CATCHUP_SHARE = 0.5
 # Event times kept per user to find the current session (its length is capped by this).
 SESSION_TIMES = 200
 
@@ -140,9 +144,6 @@ class DedupLogic(StatefulBatchLogic[Any, Any, DedupState]):
                 continue
             self.seen.add(digest)
             state.digests.append(digest)
-            # The same instant with the standard library's UTC: the parser's own tzinfo
-            # makes every later .timestamp() several times slower (two steps read it).
-            record.timestamp = record.timestamp.astimezone(UTC)
             if len(state.digests) > self.cfg.dedup_ids:
                 self.seen.discard(state.digests.pop(0))
             out.append(("event", (record, record.region or state.region)))
@@ -256,7 +257,7 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
         # (bucket size, how far behind the newest event buckets are kept, bucket count that triggers a trim)
         self.series = [(size, span + cfg.lateness_s, span // size + cfg.lateness_s // size + 2)
                        for size, span in SERIES]
-        self.next_flush = flush_deadline_for(cfg) if self.state.dirty else None
+        self.timer = FlushTimer(cfg, self.state.dirty)
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
         out: list[Any] = []
@@ -273,8 +274,8 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
                 self._apply(event, region)
                 out.append(("enriched", (event, s.meta.get("category"))))
             s.dirty = True
-        if s.dirty and self.next_flush is None:
-            self.next_flush = flush_deadline_for(self.cfg)
+        if s.dirty:
+            self.timer.start()
         return out, self.RETAIN
 
     def _apply(self, event: InteractionEvent, region: str | None) -> None:
@@ -352,28 +353,84 @@ class ItemLogic(StatefulBatchLogic[Any, Any, ItemState]):
                    for scope in sorted(s.dirty_trending))
         s.dirty_trending.clear()
         s.dirty = False
-        self.next_flush = None
+        self.timer.next_tick = None
         return out
 
     def on_notify(self) -> tuple[Iterable[Any], bool]:
-        return self._flush(), self.RETAIN
+        return (self._flush() if self.timer.due() else ()), self.RETAIN
 
     def on_eof(self) -> tuple[Iterable[Any], bool]:
         return self._flush(), self.RETAIN
 
     def notify_at(self) -> datetime | None:
-        return self.next_flush
+        return self.timer.next_tick
 
     def snapshot(self) -> bytes:  # type: ignore[override]
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def write_interval(cfg: FeatureSettings) -> float:
+    """The flush tick: ``flush_interval_s``, stretched to twice the time a write takes
+    while writes are slow, never beyond ``flush_interval_max_s``."""
+    return min(max(cfg.flush_interval_s, 2 * WriteLoad.seconds), max(cfg.flush_interval_max_s, cfg.flush_interval_s))
+
+
+def flush_interval(cfg: FeatureSettings) -> float:
+    """How long a key that changes now waits before it writes.
+
+    One tick (write_interval) when the flow is caught up. While it reads behind
+    the log, a share of how old the records it reads are (ReadLag), up to
+    ``flush_interval_catchup_s``: replaying a backlog, each key's events coalesce
+    into one write per interval, which adds at most half again the lag they already have.
+    """
+    tick = write_interval(cfg)
+    return max(tick, min(CATCHUP_SHARE * ReadLag.current(), cfg.flush_interval_catchup_s))
+
+
+def _aligned(interval: float) -> float:
+    """The next multiple of ``interval`` (epoch seconds): every key waiting for the same
+    interval flushes in the same activation, one big batch for the sink."""
+    return (math.floor(time.time() / interval) + 1) * interval
+
+
 def flush_deadline_for(cfg: FeatureSettings) -> datetime:
-    """The next flush tick. Ticks are aligned to multiples of the interval, so every
-    dirty key flushes in the same activation and the sink gets one big batch per
-    tick (a few Redis round trips) instead of many small ones."""
-    interval = min(max(cfg.flush_interval_s, 2 * WriteLoad.seconds), max(cfg.flush_interval_max_s, cfg.flush_interval_s))
-    return datetime.fromtimestamp((math.floor(time.time() / interval) + 1) * interval, UTC)
+    """The next flush tick."""
+    return datetime.fromtimestamp(_aligned(write_interval(cfg)), UTC)
+
+
+class FlushTimer:
+    """When a changed key writes: at the first tick after its flush interval.
+
+    The key is woken at every tick (flush_deadline_for); while the flow catches up
+    with a backlog it writes only once its longer interval has passed, so as soon
+    as the flow has caught up it writes at the next tick instead of waiting out an
+    interval chosen for a backlog that is gone. Not state: after a restore a
+    changed key simply starts a new interval.
+    """
+
+    __slots__ = ("cfg", "next_tick", "write_at")
+
+    def __init__(self, cfg: FeatureSettings, changed: bool) -> None:
+        self.cfg = cfg
+        self.next_tick: datetime | None = None
+        self.write_at = 0.0
+        if changed:
+            self.start()
+
+    def start(self) -> None:
+        """The key changed: schedule its write unless one is scheduled."""
+        if self.next_tick is None:
+            self.next_tick = flush_deadline_for(self.cfg)
+            interval = flush_interval(self.cfg)
+            self.write_at = _aligned(interval) if interval > write_interval(self.cfg) else 0.0
+
+    def due(self) -> bool:
+        """At a tick: write now (True), or wait for the next tick."""
+        if self.write_at and time.time() < self.write_at and flush_interval(self.cfg) > write_interval(self.cfg):
+            self.next_tick = flush_deadline_for(self.cfg)
+            return False
+        self.next_tick = None
+        return True
 
 
 def _restore(state: Any) -> Any:
@@ -498,14 +555,13 @@ class UserLogic(StatefulBatchLogic[Any, Any, UserState]):
         self.state = _restore(state) or UserState("")
         self.short_half = cfg.affinity_half_life_h * 3600
         self.long_half = cfg.long_term_half_life_h * 3600
-        self.next_flush = flush_deadline_for(cfg) if self.state.dirty else None
+        self.timer = FlushTimer(cfg, self.state.dirty)
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Any], bool]:
         for event, category in values:
             self.state.user_id = self.state.user_id or event.user_id
             self._apply(event, category)
-        if self.next_flush is None:
-            self.next_flush = flush_deadline_for(self.cfg)
+        self.timer.start()
         return (), self.RETAIN
 
     def _apply(self, event: InteractionEvent, category: str | None) -> None:
@@ -550,20 +606,20 @@ class UserLogic(StatefulBatchLogic[Any, Any, UserState]):
         s.last_active = max(s.last_active, ts)
 
     def _flush(self) -> list[Any]:
-        self.next_flush = None
+        self.timer.next_tick = None
         if not self.state.dirty:
             return []
         self.state.dirty = False
         return [("user", user_document(self.state, self.cfg))]
 
     def on_notify(self) -> tuple[Iterable[Any], bool]:
-        return self._flush(), self.RETAIN
+        return (self._flush() if self.timer.due() else ()), self.RETAIN
 
     def on_eof(self) -> tuple[Iterable[Any], bool]:
         return self._flush(), self.RETAIN
 
     def notify_at(self) -> datetime | None:
-        return self.next_flush
+        return self.timer.next_tick
 
     def snapshot(self) -> bytes:  # type: ignore[override]
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
@@ -601,32 +657,33 @@ def build_flow(settings: Settings | None = None, io: FlowIO | None = None, tail:
     # Re-keying steps work on whole batches (one Python call per batch, not per
     # event and step): the per-event glue between the stateful steps is most of a
     # light event's cost otherwise.
-    by_topic = op.branch("split_items", records, lambda tr: tr[0] == items)
-    item_meta = op.flat_map_batch("key_item_meta", by_topic.trues,
-                                  lambda batch: [(r.item_id, ("meta", r)) for _, r in batch])
+    # A stream read by two steps is a branch in one call per batch (op.branch calls
+    # Python once per item).
+    item_meta = op.flat_map_batch("key_item_meta", records,
+                                  lambda batch: [(r.item_id, ("meta", r)) for t, r in batch if t == items])
     user_side = op.flat_map_batch(
-        "key_by_user", by_topic.falses,
-        lambda batch: [(r.user_id, ("event" if t == interactions else "profile", r)) for t, r in batch])
+        "key_by_user", records,
+        lambda batch: [(r.user_id, ("event" if t == interactions else "profile", r)) for t, r in batch if t != items])
 
     deduped = op.stateful_batch("dedup_events", user_side,  # type: ignore[arg-type]
                                 lambda state: DedupLogic(cfg, state))  # (user, ("event", (event, region)) | ("profile", p))
-    from_dedup = op.branch("split_profiles", deduped, lambda kv: kv[1][0] == "profile")
-    profiles = op.flat_map_batch("profile_update", from_dedup.trues, lambda batch: [kv[1] for kv in batch])
-    events_by_item = op.flat_map_batch("key_by_item", from_dedup.falses,
-                                       lambda batch: [(v[1][0].item_id, v) for _, v in batch])
+    profiles = op.flat_map_batch("profile_update", deduped,
+                                 lambda batch: [v for _, v in batch if v[0] == "profile"])
+    events_by_item = op.flat_map_batch("key_by_item", deduped,
+                                       lambda batch: [(v[1][0].item_id, v) for _, v in batch if v[0] == "event"])
 
     item_in = op.merge("item_inputs", item_meta, events_by_item)
     item_out = op.stateful_batch(
         "item_state", item_in, lambda state: ItemLogic(cfg, state)  # type: ignore[arg-type]
     )  # (item, ("enriched", (event, category)) | ("item", doc) | ("trending", (region, score)))
-    item_split = op.branch("split_enriched", item_out, lambda kv: kv[1][0] == "enriched")
-    enriched = op.flat_map_batch("key_enriched_by_user", item_split.trues,
-                                 lambda batch: [(v[1][0].user_id, v[1]) for _, v in batch])  # (user, (event, category))
+    enriched = op.flat_map_batch("key_enriched_by_user", item_out,  # (user, (event, category))
+                                 lambda batch: [(v[1][0].user_id, v[1]) for _, v in batch if v[0] == "enriched"])
     user_out = op.stateful_batch(
         "user_state", enriched, lambda state: UserLogic(cfg, state),  # type: ignore[arg-type]
     )  # (user, ("user", doc))
     updates = op.merge("feature_updates", profiles,
-                       op.flat_map_batch("drop_item_key", item_split.falses, lambda batch: [kv[1] for kv in batch]),
+                       op.flat_map_batch("drop_item_key", item_out,
+                                         lambda batch: [v for _, v in batch if v[0] != "enriched"]),
                        op.flat_map_batch("drop_user_state_key", user_out, lambda batch: [kv[1] for kv in batch]))
     op.output("write_features", updates, io.outputs["features"])
     return flow

@@ -138,6 +138,10 @@ class FeatureSettings(BaseModel):
     # Under a backlog the interval stretches to twice the time a write takes (bigger
     # batches, cheaper per row), never beyond this: the bound on freshness at full load.
     flush_interval_max_s: float = 0.5
+    # Behind the log (a restart, a burst, a replay: the records read are seconds old), the
+    # interval grows to half their age, up to this: fewer, bigger writes per key, so each
+    # event costs less and the backlog drains sooner (flows/features.flush_interval).
+    flush_interval_catchup_s: float = 2.0
     # Events older than the entity's newest event by more than this still count in
     # totals and decayed scores, but not in windowed counts, trending or co-visitation.
     lateness_s: float = 3600.0

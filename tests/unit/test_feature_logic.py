@@ -8,7 +8,7 @@ from collections import deque
 
 import pytest
 
-from flows._common import WriteLoad
+from flows._common import ReadLag, WriteLoad
 from flows.covisit import Neighbours, top_neighbours
 from flows.features import (
     DedupLogic,
@@ -19,6 +19,7 @@ from flows.features import (
     UserState,
     _restore,
     flush_deadline_for,
+    flush_interval,
     item_document,
     session,
     user_document,
@@ -235,6 +236,47 @@ def test_flush_interval_stretches_with_slow_writes_but_stays_capped() -> None:
         WriteLoad.seconds = 30.0  # a pathologically slow store must not delay features by a minute
         assert flush_deadline_for(CFG).timestamp() - time.time() <= CFG.flush_interval_max_s + 1e-3
     finally:
+        WriteLoad.seconds = saved
+
+
+def test_flush_interval_grows_with_how_far_behind_the_log_the_flow_reads() -> None:
+    import time
+
+    saved, WriteLoad.seconds = WriteLoad.seconds, 0.0
+    try:
+        ReadLag.note("t", 0, time.time() * 1000 - 20)  # caught up: records 20 ms old
+        assert flush_interval(CFG) == CFG.flush_interval_s
+        ReadLag.note("t", 1, time.time() * 1000 - 1000)  # one partition 1 s behind: half of it
+        assert flush_interval(CFG) == pytest.approx(0.5, abs=0.01)
+        ReadLag.note("t", 1, time.time() * 1000 - 3_600_000)  # replaying an hour of log: capped
+        assert flush_interval(CFG) == CFG.flush_interval_catchup_s
+        ReadLag.note_empty("t", 1)  # one empty poll: maybe just a fetch in flight
+        assert flush_interval(CFG) == CFG.flush_interval_catchup_s
+        time.sleep(ReadLag.IDLE_S)  # nothing new for a while: caught up
+        assert flush_interval(CFG) == CFG.flush_interval_s
+    finally:
+        ReadLag.forget("t", 0)
+        ReadLag.forget("t", 1)
+        WriteLoad.seconds = saved
+
+
+def test_a_key_waits_out_a_backlog_interval_but_writes_at_the_next_tick_once_caught_up() -> None:
+    import time
+
+    saved, WriteLoad.seconds = WriteLoad.seconds, 0.0
+    try:
+        ReadLag.note("t", 0, time.time() * 1000 - 3_600_000)
+        logic = UserLogic(CFG, None)
+        logic.on_batch([(event(1), "Drama")])
+        # Woken at every tick (not after the 2 s backlog interval) ...
+        assert logic.notify_at().timestamp() - time.time() <= CFG.flush_interval_s + 1e-3
+        out, _ = logic.on_notify()
+        assert list(out) == [] and logic.state.dirty  # ... but still behind: waits
+        ReadLag.note("t", 0, time.time() * 1000 - 20)
+        out, _ = logic.on_notify()
+        assert [kind for kind, _ in out] == ["user"] and logic.notify_at() is None
+    finally:
+        ReadLag.forget("t", 0)
         WriteLoad.seconds = saved
 
 
