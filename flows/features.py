@@ -22,7 +22,8 @@ event time, so a replay from a snapshot rebuilds the same state):
 
 Each key flushes at most once per ``features.flush_interval_s`` (a timer per
 key): that is the micro-batch, and the sink writes every flushed key of a batch
-in one Redis pipeline. All writes overwrite (never increment), so a restart that
+in one Redis pipeline. While the flow reads behind the log (a backlog), a key
+waits longer, so its events coalesce into fewer writes (FlushTimer). All writes overwrite (never increment), so a restart that
 replays part of the log converges on the same values.
 
 Late events (several partitions interleave, and replay after a restart does so
