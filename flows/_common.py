@@ -397,7 +397,8 @@ class ReadLag:
     def current(cls) -> float:
         """Seconds the most lagging partition this process reads is behind (0: all caught up)."""
         now = time.monotonic()
-        return max((age for age, empty_since in cls._parts.values()
+        # list(): one atomic copy, as other worker threads of the process may add partitions.
+        return max((age for age, empty_since in list(cls._parts.values())
                     if empty_since is None or now - empty_since < cls.IDLE_S), default=0.0)
 
 
