@@ -156,6 +156,8 @@ class _KafkaPartition(StatefulSourcePartition[Message, int]):
         if batch:
             self.offset = batch[-1].offset + 1
             ReadLag.note(self.topic, self.partition, batch[-1].timestamp_ms)
+        else:  # only the end-of-partition marker: nothing new either
+            ReadLag.note_empty(self.topic, self.partition)
         return batch
 
     def next_awake(self) -> datetime | None:

@@ -24,6 +24,7 @@ from confluent_kafka import Producer
 from fastapi.testclient import TestClient
 
 from feature_repo.store import feature_store
+from flows._common import ReadLag, kafka_source
 from flows.features import build_flow
 from infra.kafka import producer_config
 from schemas.catalog import ItemRecord, UserProfile
@@ -148,6 +149,37 @@ def test_duplicate_event_ids_count_once(settings: Settings, flow: FlowRunner) ->
     flow.run()
     assert online(settings, ["item_stats:likes"], item_id="m1")["likes"] == 1
     assert online(settings, ["user_long_term:total_events"], user_id="u1")["total_events"] == 1
+
+
+def test_the_source_reports_how_far_behind_the_log_it_reads(settings: Settings) -> None:
+    # Records produced an hour ago (their broker timestamp says so) put the flow an hour
+    # behind, so it batches its writes; once its polls stay empty it is caught up again.
+    topic = settings.topic(Topics.INTERACTIONS)
+    hour_ago_ms = int(time.time() * 1000) - 3_600_000
+    producer = Producer(producer_config(settings, **{"message.timeout.ms": 10_000}))
+    for minute in range(5):
+        key, value = like("u1", "m1", minute)
+        producer.produce(topic, key=key.encode(), value=value, timestamp=hour_ago_ms + minute)
+    assert producer.flush(10) == 0
+    source = kafka_source(settings, [topic], tail=False)
+    parts = [source.build_part("read_log", name, None) for name in source.list_parts()]
+    try:
+        read, deadline = 0, time.monotonic() + 15
+        while read < 5 and time.monotonic() < deadline:  # the consumer connects and fetches meanwhile
+            read += sum(len(part.next_batch()) for part in parts if not part.eof)
+            time.sleep(0.02)
+        assert read == 5
+        assert 3590 < ReadLag.current() < 3700
+        for part in parts:  # polls that find nothing new (past the end of the log)
+            part.eof = False
+            part.next_batch()
+        assert ReadLag.current() > 3590  # one empty poll may be a fetch in flight
+        time.sleep(ReadLag.IDLE_S + 0.05)
+        assert ReadLag.current() == 0.0
+    finally:
+        for part in parts:
+            part.close()
+    assert ReadLag.current() == 0.0
 
 
 def test_malformed_records_go_to_dead_letter_with_reason_and_are_counted(settings: Settings, flow: FlowRunner) -> None:
