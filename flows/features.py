@@ -23,8 +23,9 @@ event time, so a replay from a snapshot rebuilds the same state):
 Each key flushes at most once per ``features.flush_interval_s`` (a timer per
 key): that is the micro-batch, and the sink writes every flushed key of a batch
 in one Redis pipeline. While the flow reads behind the log (a backlog), a key
-waits longer, so its events coalesce into fewer writes (FlushTimer). All writes overwrite (never increment), so a restart that
-replays part of the log converges on the same values.
+waits longer, so its events coalesce into fewer writes (FlushTimer). All writes
+overwrite (never increment), so a restart that replays part of the log converges
+on the same values.
 
 Late events (several partitions interleave, and replay after a restart does so
 differently): every feature is computed so the final value does not depend on
@@ -376,15 +377,15 @@ def write_interval(cfg: FeatureSettings) -> float:
     return min(max(cfg.flush_interval_s, 2 * WriteLoad.seconds), max(cfg.flush_interval_max_s, cfg.flush_interval_s))
 
 
-def flush_interval(cfg: FeatureSettings) -> float:
+def flush_interval(cfg: FeatureSettings, tick: float | None = None) -> float:
     """How long a key that changes now waits before it writes.
 
-    One tick (write_interval) when the flow is caught up. While it reads behind
-    the log, a share of how old the records it reads are (ReadLag), up to
-    ``flush_interval_catchup_s``: replaying a backlog, each key's events coalesce
+    One tick (``tick``, else write_interval) when the flow is caught up. While it
+    reads behind the log, a share of how old the records it reads are (ReadLag), up
+    to ``flush_interval_catchup_s``: replaying a backlog, each key's events coalesce
     into one write per interval, which adds at most half again the lag they already have.
     """
-    tick = write_interval(cfg)
+    tick = write_interval(cfg) if tick is None else tick
     return max(tick, min(CATCHUP_SHARE * ReadLag.current(), cfg.flush_interval_catchup_s))
 
 
@@ -394,9 +395,9 @@ def _aligned(interval: float) -> float:
     return (math.floor(time.time() / interval) + 1) * interval
 
 
-def flush_deadline_for(cfg: FeatureSettings) -> datetime:
-    """The next flush tick."""
-    return datetime.fromtimestamp(_aligned(write_interval(cfg)), UTC)
+def flush_deadline_for(cfg: FeatureSettings, tick: float | None = None) -> datetime:
+    """The next flush tick (of ``tick`` seconds, else write_interval)."""
+    return datetime.fromtimestamp(_aligned(write_interval(cfg) if tick is None else tick), UTC)
 
 
 class FlushTimer:
@@ -421,15 +422,18 @@ class FlushTimer:
     def start(self) -> None:
         """The key changed: schedule its write unless one is scheduled."""
         if self.next_tick is None:
-            self.next_tick = flush_deadline_for(self.cfg)
-            interval = flush_interval(self.cfg)
-            self.write_at = _aligned(interval) if interval > write_interval(self.cfg) else 0.0
+            tick = write_interval(self.cfg)
+            self.next_tick = flush_deadline_for(self.cfg, tick)
+            interval = flush_interval(self.cfg, tick)
+            self.write_at = _aligned(interval) if interval > tick else 0.0
 
     def due(self) -> bool:
         """At a tick: write now (True), or wait for the next tick."""
-        if self.write_at and time.time() < self.write_at and flush_interval(self.cfg) > write_interval(self.cfg):
-            self.next_tick = flush_deadline_for(self.cfg)
-            return False
+        if self.write_at and time.time() < self.write_at:
+            tick = write_interval(self.cfg)
+            if flush_interval(self.cfg, tick) > tick:  # still behind the log
+                self.next_tick = flush_deadline_for(self.cfg, tick)
+                return False
         self.next_tick = None
         return True
 

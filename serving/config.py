@@ -135,8 +135,8 @@ class FeatureSettings(BaseModel):
     # Per-key micro-batch: a user or item writes at most once per interval, so a
     # hot key costs one Redis write per interval, not one per event. Bounds freshness.
     flush_interval_s: float = 0.2
-    # Under a backlog the interval stretches to twice the time a write takes (bigger
-    # batches, cheaper per row), never beyond this: the bound on freshness at full load.
+    # While writes are slow the interval stretches to twice the time a write takes
+    # (bigger batches, cheaper per row), never beyond this.
     flush_interval_max_s: float = 0.5
     # Behind the log (a restart, a burst, a replay: the records read are seconds old), the
     # interval grows to half their age, up to this: fewer, bigger writes per key, so each
