@@ -40,6 +40,7 @@ async def build_recommender(
     from serving.candidates.backends import RedisSignals
     from serving.candidates.generator import CandidateGenerator
     from serving.features import OnlineFeatures
+    from serving.multiplexed_redis import MultiplexedRedis
 
     own_redis = redis is None
     client = redis or aioredis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s,
@@ -48,11 +49,16 @@ async def build_recommender(
     live_model = LiveModel(settings)
     candidates = CandidateGenerator(settings.retrieval, live_model, index, RedisSignals(settings))
     policy = PolicyEngine(PolicyConfig.load(Path(settings.recommend.policy_path) if settings.recommend.policy_path else None))
-    recommender = Recommender(settings, client, OnlineFeatures(settings, client), candidates, policy,
-                              heavy=LiveRanker(live_model), publish=publish, observe=_observe(), count=_count)
+    reads = (MultiplexedRedis(settings.redis.url, settings.redis.socket_timeout_s)
+             if settings.redis.multiplexed_reads else None)
+    recommender = Recommender(settings, client, OnlineFeatures(settings, client, reads), candidates, policy,
+                              heavy=LiveRanker(live_model), publish=publish, observe=_observe(), count=_count,
+                              reads=reads)
 
     async def close() -> None:
         index.close()
+        if reads is not None:
+            await reads.aclose()
         if own_redis:
             await client.aclose()
 

@@ -40,6 +40,10 @@ from serving.pipeline.types import Candidate, UserContext
 log = logging.getLogger(__name__)
 
 
+class RedisReads(Protocol):
+    async def mget(self, keys: Any, *more: Any) -> Any: ...
+
+
 class FeatureReader(Protocol):
     async def user_context(self, user_id: str) -> UserContext: ...
     async def item_features(self, item_ids: list[str]) -> dict[str, dict[str, Any]]: ...
@@ -67,11 +71,14 @@ class Recommender:
     def __init__(self, settings: Settings, redis: aioredis.Redis, features: FeatureReader,
                  candidates: CandidateGenerator, policy: PolicyEngine, heavy: HeavyRanker | None = None,
                  publish: Callable[[str, str, bytes], None] | None = None,
-                 observe: StageObserver | None = None, count: Callable[[str, str], None] | None = None) -> None:
+                 observe: StageObserver | None = None, count: Callable[[str, str], None] | None = None,
+                 reads: RedisReads | None = None) -> None:
         self.settings = settings
         self.cfg = settings.recommend
         self.keys = settings.keys
         self.redis = redis
+        # The cached list is read on every request: through the multiplexed client when given.
+        self.reads: RedisReads | aioredis.Redis = reads or redis
         self.features = features
         self.candidates = candidates
         self.policy = policy
@@ -271,7 +278,7 @@ class Recommender:
 
     # -- cache ----------------------------------------------------------------------
     async def _read_cache(self, user_id: str, surface: str) -> dict[str, Any] | None:
-        raw, dirty = await self.redis.mget(self.keys.recommendations(user_id, surface),
+        raw, dirty = await self.reads.mget(self.keys.recommendations(user_id, surface),
                                            self.keys.recommendations_dirty(user_id))
         if not raw:
             return None
