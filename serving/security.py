@@ -31,6 +31,7 @@ once, when it is created (infra/apikeys.py).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -169,6 +170,8 @@ class ApiKeyAuthenticator:
         self._script = redis.register_script(_CHECK_LUA)
         self._cache: dict[str, _Cached] = {}
         self._leases: dict[str, _Lease] = {}
+        # key hash -> done when the lease being taken for it has come back (one refill at a time).
+        self._refills: dict[str, asyncio.Future[None]] = {}
         # key -> its HMAC: hashing is the largest cost of an authentication served from the cache.
         self._hashes: dict[str, str] = {}
 
@@ -201,20 +204,36 @@ class ApiKeyAuthenticator:
                 self._forbid(cached.record, scope)
             if cached.record.rate_per_s <= 0:
                 return cached.record  # unlimited: nothing to charge
-            lease = self._leases.get(key_hash)
-            if lease is not None and lease.tokens > 0 and lease.expires_at > now:
-                lease.tokens -= 1
-                return cached.record
+            # Requests that find the lease spent while another of this key is taking a new one
+            # wait for it: each taking its own cost a round trip apiece, and each reply replaced
+            # the lease before it with its tokens unspent, so a concurrent burst drained the shared
+            # bucket faster than it was used.
+            while True:
+                if self._spend_lease(key_hash, now):
+                    return cached.record
+                refill = self._refills.get(key_hash)
+                if refill is None:
+                    break
+                await asyncio.shield(refill)
+                now = time.monotonic()
         keys = self.settings.keys
         args: list[Any] = [scope.value, 1, "", "", 1]
         if fresh and cached is not None:
             args[2:] = [repr(cached.record.rate_per_s), cached.record.burst, self.lease_size(cached.record)]
+        refill: asyncio.Future[None] | None = None
+        if fresh and cached is not None and self.lease_size(cached.record) > 1:
+            refill = self._refills[key_hash] = asyncio.get_running_loop().create_future()
         try:
             reply = await self._script(
                 keys=[keys.api_key(key_hash), keys.rate_limit(key_id_of(key_hash))], args=args
             )
         except (RedisError, OSError) as exc:
             return self._on_store_error(key_hash, cached, scope, exc)
+        finally:
+            if refill is not None:
+                # The lease (if any) is stored below before any waiter runs: they are woken by the loop.
+                del self._refills[key_hash]
+                refill.set_result(None)
         code, retry_after_ms, granted, *flat = reply
         record = cached.record if fresh and cached is not None else None
         if flat:
@@ -238,6 +257,13 @@ class ApiKeyAuthenticator:
         if int(granted) > 1:
             self._leases[key_hash] = _Lease(int(granted) - 1, now + security.rate_limit_lease_s)
         return record
+
+    def _spend_lease(self, key_hash: str, now: float) -> bool:
+        lease = self._leases.get(key_hash)
+        if lease is not None and lease.tokens > 0 and lease.expires_at > now:
+            lease.tokens -= 1
+            return True
+        return False
 
     def forget(self, key_id: str) -> None:
         """Drop a key from this process's cache (after a revocation here)."""

@@ -170,8 +170,12 @@ def test_admin_manages_keys_over_http(settings: Settings, api_key: str) -> None:
         assert bad.status_code == 422 and bad.json()["details"][0]["field"].startswith("scopes")
 
 
-def _admit(settings: Settings, key: str, n: int) -> tuple[int, float, int]:
-    """Ask one authenticator ``n`` times in a row: (admitted, seconds taken, Redis script calls)."""
+def _admit(settings: Settings, key: str, n: int, concurrently: bool = False) -> tuple[int, float, int]:
+    """Ask one authenticator ``n`` times: (admitted, seconds taken, Redis script calls).
+
+    In a row, or ``concurrently`` (one request first, so the key's record is cached, then the
+    other ``n - 1`` at once, as a burst on a busy worker finds them).
+    """
     import asyncio
 
     import redis.asyncio as aioredis
@@ -190,12 +194,21 @@ def _admit(settings: Settings, key: str, n: int) -> tuple[int, float, int]:
 
         auth._script = counted
         admitted, started = 0, time.monotonic()
-        for _ in range(n):
+
+        async def one() -> None:
+            nonlocal admitted
             try:
                 await auth.authenticate(key, ApiScope.recs_read)
                 admitted += 1
             except RateLimited:
                 pass
+
+        if concurrently:
+            await one()
+            await asyncio.gather(*(one() for _ in range(n - 1)))
+        else:
+            for _ in range(n):
+                await one()
         elapsed = time.monotonic() - started
         await client.aclose()
         return admitted, elapsed, calls
@@ -223,3 +236,17 @@ def test_small_limits_stay_exact_under_leases(settings: Settings) -> None:
     admitted, _, calls = _admit(settings, key, 20)
     assert admitted == 5  # 2% of 0.5/s is under two tokens: no lease, every request is charged
     assert calls == 20
+
+
+def test_a_concurrent_burst_shares_one_lease_at_a_time(settings: Settings) -> None:
+    settings.security.rate_limit_lease_fraction = 0.02
+    roomy, _ = create_key(settings, "roomy", [ApiScope.recs_read], rate_per_s=1000, burst=1000)
+    # 200 requests at once, leases of 20 tokens: about one round trip per lease, not one each.
+    admitted, _, calls = _admit(settings, roomy, 200, concurrently=True)
+    assert admitted == 200
+    assert calls <= 1 + 200 // 20 + 2
+    # Over the limit at once: what is admitted is what the bucket held (100) and its refill,
+    # not less: no lease is thrown away while it still holds tokens.
+    tight, _ = create_key(settings, "tight", [ApiScope.recs_read], rate_per_s=100, burst=100)
+    admitted, elapsed, _ = _admit(settings, tight, 300, concurrently=True)
+    assert 98 <= admitted <= 100 + 100 * elapsed + 2
