@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import ClassVar
 
+import orjson
 from pydantic import Field, field_validator
 
 from schemas._base import Identifier, Record, ShortText, utc_now
@@ -85,6 +86,20 @@ class ImpressionRecord(Record):
     device: Device | None = None
     region: ShortText | None = None
     timestamp: datetime = Field(default_factory=utc_now)
+
+    @classmethod
+    def wire_json(cls, request_id: str, user_id: str, surface: Surface, item_ids: list[str], scores: list[float],
+                  served_from: str, device: Device | None, region: str | None, timestamp: datetime) -> bytes:
+        """The record's ``to_json()`` bytes, from values the server validated or made itself.
+
+        For the serving hot path (every served list is one impression): no model
+        instance is built, 4 us instead of 15 (model_construct + to_json). A unit test
+        checks that the bytes are those of the validated record.
+        """
+        fields = {"request_id": request_id, "user_id": user_id, "surface": surface, "item_ids": item_ids,
+                  "scores": scores, "served_from": served_from, "device": device, "region": region,
+                  "timestamp": timestamp}
+        return orjson.dumps({k: v for k, v in fields.items() if v is not None}, option=orjson.OPT_UTC_Z)
 
 
 class ControlCommand(Record):

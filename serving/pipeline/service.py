@@ -366,10 +366,10 @@ class Recommender:
         if self._publish is None or not response.recommendations:
             return
         # Built from values that were validated on the way in (request) or made here: no re-validation.
-        record = ImpressionRecord.model_construct(
+        shown = response.recommendations
+        record = ImpressionRecord.wire_json(
             request_id=response.request_id, user_id=request.user_id, surface=request.surface,
-            item_ids=[r.item_id for r in response.recommendations], scores=[r.score for r in response.recommendations],
-            served_from=response.served_from, device=request.context.device, region=request.context.region,
-            timestamp=response.generated_at,
+            item_ids=[r.item_id for r in shown], scores=[r.score for r in shown], served_from=response.served_from,
+            device=request.context.device, region=request.context.region, timestamp=response.generated_at,
         )
-        self._publish(self.settings.topic(Topics.IMPRESSIONS), request.user_id, record.to_json())
+        self._publish(self.settings.topic(Topics.IMPRESSIONS), request.user_id, record)

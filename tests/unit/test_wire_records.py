@@ -1,0 +1,27 @@
+"""The wire bytes of records: the cheap serialisations give exactly the bytes of the validated model."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from schemas.events import Device, ImpressionRecord, InteractionEvent, Surface
+
+
+@pytest.mark.parametrize(("device", "region"), [(None, None), (Device.mobile, "eu-west")])
+def test_impression_wire_json_is_the_validated_records_json(device: Device | None, region: str | None) -> None:
+    fields = {"request_id": "req-1", "user_id": "u42", "surface": Surface.up_next,
+              "item_ids": ["i1", "i2", "i3"], "scores": [0.9, 0.57, 1e-7], "served_from": "cache_stale",
+              "device": device, "region": region, "timestamp": datetime(2026, 11, 25, 12, 0, 1, 5, tzinfo=UTC)}
+    expected = ImpressionRecord(**fields).to_json()
+    assert ImpressionRecord.wire_json(**fields) == expected
+    assert ImpressionRecord.from_json(expected).model_dump() == ImpressionRecord(**fields).model_dump()
+
+
+def test_to_json_is_compact_json_without_nulls() -> None:
+    event = InteractionEvent(event_id="e1", user_id="u1", item_id="i1", interaction_type="watch",
+                             timestamp=datetime(2026, 11, 25, 12, 0, tzinfo=UTC), interaction_value=12.5)
+    assert event.to_json() == orjson.dumps(event.model_dump(mode="json", exclude_none=True))
+    assert b" " not in event.to_json() and b"null" not in event.to_json()
