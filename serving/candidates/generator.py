@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -272,20 +273,28 @@ def merge(results: dict[str, SourceResult], max_candidates: int) -> list[Candida
     its score is reciprocal-rank fusion over them, and the list is sorted by it.
     """
     merged: dict[str, Candidate] = {}
-    lists: Sequence[tuple[str, SourceResult]] = list(results.items())
-    depth = max((len(rows) for _, rows in lists), default=0)
-    for rank in range(depth):
-        for name, rows in lists:
-            if rank >= len(rows):
-                continue
+    # Only the sources with a hit at this rank, in their order: rank by rank, a list drops out
+    # when it runs out. Candidate.add_source is inlined: this loop runs ~1,000 times per request
+    # on the event loop.
+    active: Sequence[tuple[str, SourceResult]] = [(name, rows) for name, rows in results.items() if rows]
+    rank, shortest = 0, min((len(rows) for _, rows in active), default=0)
+    while active:
+        bonus = 1.0 / (RRF_K + rank)
+        for name, rows in active:
             item_id, score = rows[rank]
             candidate = merged.get(item_id)
             if candidate is None:
-                if len(merged) >= max_candidates:
-                    continue
-                candidate = merged[item_id] = Candidate(item_id=item_id)
-            candidate.add_source(name, score)
-            candidate.score += 1.0 / (RRF_K + rank)
+                if len(merged) < max_candidates:
+                    merged[item_id] = Candidate(item_id=item_id, sources={name: score}, score=bonus)
+                continue
+            sources = candidate.sources
+            if score > sources.get(name, -math.inf):
+                sources[name] = score
+            candidate.score += bonus
+        rank += 1
+        if rank == shortest:
+            active = [(name, rows) for name, rows in active if len(rows) > rank]
+            shortest = min((len(rows) for _, rows in active), default=0)
     out = sorted(merged.values(), key=lambda c: -c.score)
     for candidate in out:
         candidate.reasons = sorted(candidate.sources)
