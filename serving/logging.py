@@ -110,9 +110,21 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(obs.log_level.upper())
     # Our http_request event replaces uvicorn's access line (which lacks request_id and route).
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    for name in ("uvicorn", "uvicorn.error"):
+    # Libraries with handlers of their own would print plain text beside the JSON lines:
+    # their records go through ours instead.
+    for name in ("uvicorn", "uvicorn.error", *_PYMILVUS_LOGGERS):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    # pymilvus logs every failed call at ERROR with a formatted traceback (a search past its
+    # budget included), which candidate_source_skipped already reports in one line; under
+    # overload that was many multi-line records a second. Kept when debugging.
+    quiet = logging.DEBUG if obs.log_level.upper() == "DEBUG" else logging.CRITICAL
+    for name in _PYMILVUS_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
+
+
+# The loggers pymilvus configures with its own handlers at import (pymilvus/settings.py).
+_PYMILVUS_LOGGERS = ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer")
 
 
 _access_log = logging.getLogger("recsys.access")
