@@ -27,6 +27,7 @@ import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
 
+from bench._common import machine
 from infra.kafka import consumer_config
 from schemas.topics import Topics
 from serving.config import Settings
@@ -96,7 +97,7 @@ class ReliabilityReport:
         for name, scenario in self.scenarios.items():
             scenarios[name] = {**scenario.as_dict(),
                                "measured_at": datetime.now(UTC).isoformat(timespec="seconds")}
-        body = {"command": "pytest tests/chaos (part of make test)",
+        body = {"machine": machine(), "command": "pytest tests/chaos (part of make test)",
                 "scenarios": dict(sorted(scenarios.items()))}
         path.write_text(json.dumps(body, indent=2) + "\n")
 
