@@ -62,27 +62,22 @@ def affinity_shares(ctx: UserContext) -> dict[str, float]:
 
 
 def affinity_share(ctx: UserContext, category: str | None) -> float:
-    if not category or not ctx.category_affinity:
-        return 0.0
-    total = sum(v for v in ctx.category_affinity.values() if v > 0) or 1.0
-    return max(0.0, ctx.category_affinity.get(category, 0.0)) / total
+    """The category's share of the user's positive affinity (0 for none)."""
+    return affinity_shares(ctx).get(category, 0.0) if category else 0.0
 
 
 def light_rank(candidates: list[Candidate], ctx: UserContext, items: Mapping[str, Mapping[str, Any]],
                weights: Mapping[str, float], keep: int) -> list[Candidate]:
     """Fuse source scores into one score; keep the best ``keep`` (best first)."""
-    # Per request, not per candidate: each source's weight and range, each category's share
-    # (this loop runs ~1,000 times per request on the event loop: 6.2 -> 2.9 ms on this machine).
-    scales = {s: (weights.get(s, 0.1), low, high - low) for s, (low, high) in normalise_sources(candidates).items()}
+    # Per request, not per candidate: each source's range and each category's share (this loop
+    # runs ~1,000 times per request on the event loop: 5.4 -> 3.1 ms on this machine).
+    bounds = normalise_sources(candidates)
     shares = affinity_shares(ctx)
     affinity_weight = weights.get("affinity", 0.2)
     for candidate in candidates:
         # A source's vote: a small share for finding the item at all, the rest by its rank in
         # that source. Summed, so agreement counts, but a weak source cannot outvote ANN.
-        fused = 0.0
-        for s, v in candidate.sources.items():
-            weight, low, span = scales[s]
-            fused += weight * (0.1 + 0.9 * (1.0 if span <= 0 else (v - low) / span))
+        fused = sum(weights.get(s, 0.1) * (0.1 + 0.9 * _scaled(v, bounds[s])) for s, v in candidate.sources.items())
         category = (items.get(candidate.item_id) or {}).get("category")
         candidate.score = fused + affinity_weight * (shares.get(category, 0.0) if category else 0.0)
     candidates.sort(key=lambda c: (-c.score, c.item_id))
