@@ -218,11 +218,12 @@ class ApiKeyAuthenticator:
                 now = time.monotonic()
         keys = self.settings.keys
         args: list[Any] = [scope.value, 1, "", "", 1]
-        if fresh and cached is not None:
-            args[2:] = [repr(cached.record.rate_per_s), cached.record.burst, self.lease_size(cached.record)]
         refill: asyncio.Future[None] | None = None
-        if fresh and cached is not None and self.lease_size(cached.record) > 1:
-            refill = self._refills[key_hash] = asyncio.get_running_loop().create_future()
+        if fresh and cached is not None:
+            lease = self.lease_size(cached.record)
+            args[2:] = [repr(cached.record.rate_per_s), cached.record.burst, lease]
+            if lease > 1:
+                refill = self._refills[key_hash] = asyncio.get_running_loop().create_future()
         try:
             reply = await self._script(
                 keys=[keys.api_key(key_hash), keys.rate_limit(key_id_of(key_hash))], args=args
