@@ -105,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # objects tracked, 47 ms after freezing, measured in process on a loaded machine).
         gc.collect()
         gc.freeze()
+        metrics.track_gc_pauses()
         try:
             yield
         finally:
