@@ -27,20 +27,13 @@ from pymilvus import DataType, MilvusClient
 
 from schemas.catalog import ItemRecord, ItemStatus
 from serving.config import Settings
+from serving.logging import route_library_loggers
+
+# Importing pymilvus just installed its own log handlers; where logging was configured first, undo that.
+route_library_loggers()
 
 log = logging.getLogger(__name__)
 
-
-class _DropDeadlineErrors(logging.Filter):
-    """pymilvus logs every failed RPC at ERROR with a traceback. A search cut at its deadline is
-    routine under load (the candidate source is skipped and logged once, by serving.candidates),
-    so those records, and only those, are dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "DEADLINE_EXCEEDED" not in record.getMessage()
-
-
-logging.getLogger("pymilvus.decorators").addFilter(_DropDeadlineErrors())
 
 PK = "item_id"
 VECTOR = "embedding"

@@ -110,21 +110,35 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(obs.log_level.upper())
     # Our http_request event replaces uvicorn's access line (which lacks request_id and route).
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    # Libraries with handlers of their own would print plain text beside the JSON lines:
-    # their records go through ours instead.
-    for name in ("uvicorn", "uvicorn.error", *_PYMILVUS_LOGGERS):
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
-    # pymilvus logs every failed call at ERROR with a formatted traceback (a search past its
-    # budget included), which candidate_source_skipped already reports in one line; under
-    # overload that was many multi-line records a second. Kept when debugging.
-    quiet = logging.DEBUG if obs.log_level.upper() == "DEBUG" else logging.CRITICAL
-    for name in _PYMILVUS_LOGGERS:
-        logging.getLogger(name).setLevel(quiet)
+    route_library_loggers()
 
 
 # The loggers pymilvus configures with its own handlers at import (pymilvus/settings.py).
 _PYMILVUS_LOGGERS = ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer")
+
+
+def route_library_loggers() -> None:
+    """Records of libraries with handlers of their own go through ours; pymilvus' per-call errors only at DEBUG.
+
+    Otherwise they would print plain text beside the JSON lines. pymilvus logs
+    every failed call at ERROR with a formatted traceback (a search past its
+    budget included), which candidate_source_skipped already reports in one
+    line; under overload that was many multi-line records a second.
+
+    Called by :func:`configure_logging`, and by infra/milvus.py right after it
+    imports pymilvus: that import installs pymilvus' handlers again, and in the
+    API it comes after logging is configured (when the recommender is built).
+    Does nothing in a process whose logging :func:`configure_logging` did not set up.
+    """
+    root = logging.getLogger()
+    if not any(isinstance(h, _OurHandler) for h in root.handlers):
+        return
+    for name in ("uvicorn", "uvicorn.error", *_PYMILVUS_LOGGERS):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    quiet = logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL
+    for name in _PYMILVUS_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
 
 
 _access_log = logging.getLogger("recsys.access")

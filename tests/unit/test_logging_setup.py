@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import orjson
 import pytest
@@ -30,3 +32,20 @@ def test_pymilvus_records_are_json_lines_and_its_per_call_errors_are_quiet_unles
     lines = _lines(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0]["logger"] == "pymilvus.decorators" and lines[0]["level"] == "error"
     configure_logging(load_settings())
+
+
+def test_pymilvus_imported_after_logging_is_configured_still_logs_through_us() -> None:
+    """The API's order: logging first, pymilvus when the recommender is built (its import re-installs its handlers)."""
+    script = """
+import logging
+from serving.config import load_settings
+from serving.logging import configure_logging
+configure_logging(load_settings(observability={"log_level": "INFO"}))
+import infra.milvus  # imports pymilvus
+logging.getLogger("pymilvus.decorators").error("RPC error: [search] Retry timeout: 0.08s\\nTraceback:\\n  ...")
+logging.getLogger("pymilvus.milvus_client").warning("milvus_client_warning")
+logging.getLogger("serving.candidates").warning("candidate_source_skipped source=ann reason=timeout")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [line["event"] for line in _lines(done.stderr)] == ["candidate_source_skipped"]
