@@ -35,6 +35,18 @@ route_library_loggers()
 log = logging.getLogger(__name__)
 
 
+class _DropDeadlineErrors(logging.Filter):
+    """pymilvus logs every failed RPC at ERROR with a traceback. A search cut at its deadline is
+    routine under load (the candidate source is skipped and logged once, by serving.candidates),
+    so those records, and only those, are dropped. In every process that imports this module
+    (flows and the model worker too, which leave pymilvus' logging as it is)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEADLINE_EXCEEDED" not in record.getMessage()
+
+
+logging.getLogger("pymilvus.decorators").addFilter(_DropDeadlineErrors())
+
 PK = "item_id"
 VECTOR = "embedding"
 SCALARS = ("category", "language", "regions", "status", "published_at", "maturity_rating", "cold")
