@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas._base import Identifier, Record, ShortText
@@ -114,6 +115,21 @@ class RecommendationResponse(Record):
     generated_at: datetime
     request_id: str
     served_from: str = Field(description="cache | cache_stale | live | fallback:<name>")
+
+    @classmethod
+    def wire_json(cls, user_id: str, surface: Surface, items: list[tuple[str, float, list[str]]],
+                  generated_at: datetime, request_id: str, served_from: str) -> bytes:
+        """The response's JSON bytes (``__pydantic_serializer__.to_json``), from values the server made.
+
+        For the hot route, which sends these bytes: no model is validated and serialised,
+        ~3 us instead of ~20 for 10 items. A unit test checks that the bytes are those of
+        the validated response.
+        """
+        return orjson.dumps({
+            "user_id": user_id, "surface": surface,
+            "recommendations": [{"item_id": i, "score": s, "reasons": r} for i, s, r in items],
+            "generated_at": generated_at, "request_id": request_id, "served_from": served_from,
+        }, option=orjson.OPT_UTC_Z)
 
 
 class CachedRecommendationsResponse(Record):

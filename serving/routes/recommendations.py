@@ -48,10 +48,10 @@ def _request_id(scope: Scope) -> str:
     return scope.get("state", {}).get("request_id") or uuid.uuid4().hex
 
 
-def _json(response: RecommendationResponse) -> Response:
-    # The service built a valid RecommendationResponse; returning its JSON skips FastAPI's
-    # second validation of it against response_model (which still documents the shape).
-    return Response(content=response.model_dump_json(), media_type="application/json")
+def _json(body: bytes) -> Response:
+    # The service's JSON of a RecommendationResponse; returned as is, FastAPI does not validate it
+    # a second time against response_model (which still documents the shape).
+    return Response(content=body, media_type="application/json")
 
 
 @cache
@@ -83,13 +83,14 @@ def parse_query(params: Mapping[str, str]) -> RecommendationRequest:
             openapi_extra={"parameters": query_parameters()})
 async def get_recommendations(request: Request) -> Response:
     """Personalised list for a surface; ``served_from`` says whether it came from cache, live or a fallback."""
-    return _json(await _recommender(request).recommend(parse_query(dict(request.query_params)), _request_id(request.scope)))
+    return _json(await _recommender(request).recommend_json(parse_query(dict(request.query_params)),
+                                                            _request_id(request.scope)))
 
 
 @router.post("", response_model=RecommendationResponse, responses=_ERRORS)
 async def post_recommendations(request: Request, body: RecommendationRequest) -> Response:
     """The spec's JSON request body form of GET /recommendations."""
-    return _json(await _recommender(request).recommend(body, _request_id(request.scope)))
+    return _json(await _recommender(request).recommend_json(body, _request_id(request.scope)))
 
 
 @router.get("/cached", response_model=CachedRecommendationsResponse,
@@ -137,12 +138,11 @@ class GetRecommendationsLane:
             authenticator: ApiKeyAuthenticator = app.state.authenticator
             state["api_key"] = await authenticator.authenticate(api_key_from(Headers(scope=scope)), ApiScope.recs_read)
             params = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
-            response = await app.state.recommender.recommend(parse_query(params), _request_id(scope))
+            body = await app.state.recommender.recommend_json(parse_query(params), _request_id(scope))
         except (ApiError, RequestValidationError) as exc:
             handler = app.exception_handlers[ApiError if isinstance(exc, ApiError) else RequestValidationError]
             await (await handler(Request(scope, receive), exc))(scope, receive, send)
             return
-        body = response.__pydantic_serializer__.to_json(response)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
+from schemas.api import RecommendationResponse
 from schemas.events import Device, ImpressionRecord, InteractionEvent, Surface
 
 
@@ -25,3 +26,17 @@ def test_to_json_is_compact_json_without_nulls() -> None:
                              timestamp=datetime(2026, 11, 25, 12, 0, tzinfo=UTC), interaction_value=12.5)
     assert event.to_json() == orjson.dumps(event.model_dump(mode="json", exclude_none=True))
     assert b" " not in event.to_json() and b"null" not in event.to_json()
+
+
+@pytest.mark.parametrize("at", [datetime(2026, 11, 25, 12, 0, 1, 5, tzinfo=UTC), datetime(2026, 11, 25, 12, 0, tzinfo=UTC)])
+@pytest.mark.parametrize("items", [[], [("i1", 0.912345, ["source:ann", "rule:freshness_boost"]), ("i2", 1.0, []),
+                                        ("i3", 1e-7, ["source:trending"]), ("i4", -0.25, ["pinned"])]])
+def test_response_wire_json_is_the_validated_responses_json(items: list[tuple[str, float, list[str]]],
+                                                             at: datetime) -> None:
+    fields = {"user_id": "u42", "surface": Surface.homepage, "generated_at": at, "request_id": "req-1",
+              "served_from": "cache"}
+    model = RecommendationResponse.model_validate(
+        {**fields, "recommendations": [{"item_id": i, "score": s, "reasons": r} for i, s, r in items]})
+    wire = RecommendationResponse.wire_json(items=items, **fields)
+    assert wire == model.__pydantic_serializer__.to_json(model) == model.model_dump_json().encode()
+    assert RecommendationResponse.model_validate_json(wire) == model
