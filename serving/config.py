@@ -297,6 +297,9 @@ class RecommendSettings(BaseModel):
     # cold users (no history) get a short freshness so they turn personal quickly.
     cache_fresh_s: float = 300.0
     cache_fresh_cold_s: float = 30.0
+    # Each list's freshness is shortened by a random share up to this, so lists written
+    # together (a bulk recompute, a cache warm-up) are not all revalidated in the same second.
+    cache_fresh_jitter: float = Field(default=0.1, ge=0.0, le=0.9)
     # Redis expiry of a cached list (after this, a miss goes to the live path).
     cache_ttl_s: float = 86_400.0
     # How many items a precomputed list keeps (pages are cut from it).

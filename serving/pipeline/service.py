@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -320,6 +321,7 @@ class Recommender:
 
     async def _write_cache(self, ctx: UserContext, page: list[Candidate], started_at: float | None = None) -> None:
         fresh = self.cfg.cache_fresh_cold_s if ctx.is_cold else self.cfg.cache_fresh_s
+        fresh *= 1.0 - self.cfg.cache_fresh_jitter * random.random()
         started_at = started_at if started_at is not None else ctx.now.timestamp()
         entry = {
             "items": [[c.item_id, round(c.score, 6), c.reasons] for c in page],

@@ -8,8 +8,10 @@ the policy engine are the real ones.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -85,3 +87,25 @@ def homepage(ctx: UserContext) -> UserContext:
     """The context the precompute flow uses: homepage surface, a whole cacheable list."""
     ctx.surface, ctx.limit = "homepage", 50
     return ctx
+
+
+def test_lists_written_together_do_not_all_go_stale_together(settings: Settings) -> None:
+    """Freshness is shortened by a random share up to recommend.cache_fresh_jitter (a revalidation herd spread out)."""
+    settings = settings.model_copy(deep=True)
+    settings.recommend.cache_fresh_s, settings.recommend.cache_fresh_jitter = 100.0, 0.2
+
+    async def scenario() -> tuple[float, list[float]]:
+        client = aioredis.Redis.from_url(settings.redis.url)
+        rec = recommender(settings, client)
+        before = time.time()
+        users = [f"herd{n}" for n in range(40)]
+        for user in users:
+            await rec.refresh_cache(homepage(await rec.features.user_context(user)))
+        raws = await client.mget([settings.keys.recommendations(user, "homepage") for user in users])
+        await client.delete(*[settings.keys.recommendations(user, "homepage") for user in users])
+        await client.aclose()
+        return before, [orjson.loads(raw)["fresh_until"] - before for raw in raws]
+
+    before, fresh_for = asyncio.run(scenario())
+    assert all(80.0 - 1 <= f <= 100.0 + (time.time() - before) for f in fresh_for)
+    assert max(fresh_for) - min(fresh_for) > 5.0  # 40 draws over a 20 s range
