@@ -297,20 +297,18 @@ def train_and_save(settings: Settings, model: Any, events: Sequence[InteractionE
 
 
 class LiveRanker:
-    """The heavy ranker of the live model version; without one, the light order stands."""
+    """The heavy ranker of the live model version; without one, the light order stands.
+
+    ``live_model`` (model.registry.LiveModel) loads it with each version
+    (``load_ranker=HeavyRanker.load``), in the background on the serving path.
+    """
 
     def __init__(self, live_model: Any) -> None:
         self.live_model = live_model
-        self._version: str | None = None
-        self._ranker: HeavyRanker | None = None
 
     def current(self) -> HeavyRanker | None:
-        self.live_model()  # refreshes the live entry at most every reload interval
-        entry = self.live_model.entry
-        if entry is not None and entry.version != self._version:
-            self._version = entry.version
-            self._ranker = HeavyRanker.load(Path(entry.artefacts))
-        return self._ranker
+        self.live_model()  # checks the registry at most every reload interval
+        return self.live_model.ranker  # type: ignore[no-any-return]
 
     def rank(self, ctx: UserContext, candidates: list[Candidate], items: Mapping[str, Mapping[str, Any]]) -> list[Candidate]:
         ranker = self.current()

@@ -14,8 +14,10 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -99,21 +101,51 @@ class LiveModel:
 
     Call it to get the current model (or None before the first training). The
     registry is checked at most every ``reload_interval_s``; a failing Redis
-    keeps the model already loaded.
+    keeps the model already loaded. With ``background=True`` (the serving
+    path, where it is called on the event loop) a due check runs in a thread
+    of its own and the call returns the model already loaded at once: a
+    registry read or a model load (~50 ms, more on a loaded machine) never
+    holds up the requests in flight. Call :meth:`refresh` once first so the
+    first requests find the model.
     """
 
-    def __init__(self, settings: Settings, registry: ModelRegistry | None = None) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None, background: bool = False,
+                 load_ranker: Callable[[Path], Any] | None = None) -> None:
         self.settings = settings
         self.registry = registry or ModelRegistry(settings)
         self.model: TwoTowerModel | None = None
+        # The heavy ranker saved with the same version (``load_ranker``, e.g. HeavyRanker.load), swapped in with it.
+        self.ranker: Any = None
         self.entry: ModelVersion | None = None
+        self.background = background
+        self.load_ranker = load_ranker
         self._checked = 0.0
         self._lock = threading.Lock()
+        self._refreshing = threading.Event()
 
     def __call__(self) -> TwoTowerModel | None:
         if time.monotonic() - self._checked >= self.settings.model.reload_interval_s:
-            self.refresh()
+            if self.background:
+                self._refresh_in_background()
+            else:
+                self.refresh()
         return self.model
+
+    def _refresh_in_background(self) -> None:
+        if self._refreshing.is_set():
+            return
+        self._refreshing.set()
+        self._checked = time.monotonic()
+
+        def run() -> None:
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 (the loaded model keeps serving)
+                log.exception("model_refresh_failed")
+            finally:
+                self._refreshing.clear()
+
+        threading.Thread(target=run, name="live-model-refresh", daemon=True).start()
 
     def refresh(self) -> bool:
         """Load the live version if it changed; True when a new model was loaded."""
@@ -127,10 +159,16 @@ class LiveModel:
             if entry is None or (self.entry is not None and entry.version == self.entry.version):
                 return False
             try:
-                self.model = TwoTowerModel.load(Path(entry.artefacts))
+                model = TwoTowerModel.load(Path(entry.artefacts))
             except OSError as exc:
                 log.error("model_load_failed version=%s error=%s", entry.version, exc)
                 return False
-            self.entry = entry
+            ranker = None
+            if self.load_ranker is not None:
+                try:
+                    ranker = self.load_ranker(Path(entry.artefacts))
+                except Exception:  # noqa: BLE001 (the two-tower still goes live; the light order stands)
+                    log.exception("ranker_load_failed version=%s", entry.version)
+            self.model, self.ranker, self.entry = model, ranker, entry
             log.info("model_loaded version=%s", entry.version)
             return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -35,7 +36,7 @@ async def build_recommender(
 ) -> tuple[Recommender, Callable[[], Awaitable[None]]]:
     """The Recommender and an async close(); Redis is created here unless given."""
     from infra.milvus import MilvusItemIndex
-    from model.ranker import LiveRanker
+    from model.ranker import HeavyRanker, LiveRanker
     from model.registry import LiveModel
     from serving.candidates.backends import RedisSignals
     from serving.candidates.generator import CandidateGenerator
@@ -46,7 +47,9 @@ async def build_recommender(
     client = redis or aioredis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s,
                                               socket_connect_timeout=settings.redis.socket_timeout_s)
     index = MilvusItemIndex(settings)
-    live_model = LiveModel(settings)
+    # Checked and reloaded in a thread of its own: a model load never stalls the event loop.
+    live_model = LiveModel(settings, background=True, load_ranker=HeavyRanker.load)
+    await asyncio.to_thread(live_model.refresh)  # the first requests find the live version loaded
     candidates = CandidateGenerator(settings.retrieval, live_model, index, RedisSignals(settings))
     policy = PolicyEngine(PolicyConfig.load(Path(settings.recommend.policy_path) if settings.recommend.policy_path else None))
     reads = (MultiplexedRedis(settings.redis.url, settings.redis.socket_timeout_s)
