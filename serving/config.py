@@ -317,6 +317,12 @@ class RecommendSettings(BaseModel):
     fallback_depth: int = 200
     # Precompute flow: wait this long after a user's last event before recomputing.
     debounce_s: float = 1.0
+    # After a user's events mark their lists stale, the API serves the stale list and leaves the
+    # recompute to the precompute flow for this long: the flow folds those very events in, while a
+    # recompute here would read features that may not have them yet and stamp the result fresh
+    # (a just-liked item back on the homepage). Past it (the flow down or behind), a request
+    # recomputes the list itself.
+    dirty_grace_s: float = Field(default=3.0, ge=0.0)
     # Only events this recent trigger a recompute (a replay of old history does not).
     recompute_horizon_s: float = 3600.0
     # Heavy ranker training (model/ranker.py): replayed requests and epochs per model version.

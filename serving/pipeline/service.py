@@ -258,8 +258,11 @@ class Recommender:
         if len(page) < request.limit:
             # Something in the list went away (deleted, blocked): recompute in the background.
             self._revalidate(request)
-        stale = time.time() > entry["fresh_until"] or entry["dirty"]
-        if stale:
+        now = time.time()
+        stale = now > entry["fresh_until"] or entry["dirty"]
+        # Marked stale by new events: within the grace the precompute flow recomputes it (see
+        # recommend.dirty_grace_s); a list that only aged is revalidated here at once.
+        if stale and not (entry["dirty"] and now - entry["dirty_at"] < self.cfg.dirty_grace_s):
             self._revalidate(request)
         self._count("cache", "stale" if stale else "hit")
         return page, "cache_stale" if stale else "cache"
@@ -296,7 +299,8 @@ class Recommender:
             return None
         entry: dict[str, Any] = orjson.loads(raw)
         # The user acted after this list was computed: serve it, but as stale (revalidated).
-        entry["dirty"] = bool(dirty) and float(dirty) > entry.get("computed_at", 0.0)
+        entry["dirty_at"] = float(dirty) if dirty else 0.0
+        entry["dirty"] = entry["dirty_at"] > entry.get("computed_at", 0.0)
         return entry
 
     def mark_dirty_soon(self, user_ids: set[str]) -> None:

@@ -48,6 +48,9 @@ def recommender(settings: Settings, client: aioredis.Redis, policy: dict[str, An
 
 
 def test_new_events_turn_a_cached_list_stale_and_it_is_revalidated(settings: Settings) -> None:
+    settings = settings.model_copy(deep=True)
+    settings.recommend.dirty_grace_s = 0.0  # no precompute flow here: the API recomputes at once
+
     async def scenario() -> list[str]:
         client = aioredis.Redis.from_url(settings.redis.url)
         rec = recommender(settings, client)
@@ -109,3 +112,28 @@ def test_lists_written_together_do_not_all_go_stale_together(settings: Settings)
     before, fresh_for = asyncio.run(scenario())
     assert all(80.0 - 1 <= f <= 100.0 + (time.time() - before) for f in fresh_for)
     assert max(fresh_for) - min(fresh_for) > 5.0  # 40 draws over a 20 s range
+
+
+def test_within_the_grace_a_list_made_stale_by_events_is_left_to_the_precompute_flow(settings: Settings) -> None:
+    """A recompute here right after the events could read features without them and stamp the list fresh."""
+    settings = settings.model_copy(deep=True)
+    settings.recommend.dirty_grace_s = 0.6
+
+    async def scenario() -> list[str]:
+        client = aioredis.Redis.from_url(settings.redis.url)
+        rec = recommender(settings, client)
+        request = RecommendationRequest(user_id="u3", limit=10)
+        await rec.refresh_cache(homepage(await rec.features.user_context("u3")))
+        await rec.mark_dirty({"u3"})
+        served = [(await rec.recommend(request, "r1")).served_from]
+        await asyncio.sleep(0.3)  # a revalidation, had one started, would have rewritten the list by now
+        served.append((await rec.recommend(request, "r2")).served_from)
+        await asyncio.sleep(0.4)  # past the grace: this request recomputes it
+        served.append((await rec.recommend(request, "r3")).served_from)
+        await asyncio.sleep(0.3)
+        served.append((await rec.recommend(request, "r4")).served_from)
+        await client.delete(settings.keys.recommendations("u3", "homepage"), settings.keys.recommendations_dirty("u3"))
+        await client.aclose()
+        return served
+
+    assert asyncio.run(scenario()) == ["cache_stale", "cache_stale", "cache_stale", "cache"]
