@@ -47,15 +47,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
                "broker_listen": f"127.0.0.1:{broker_port}"},
     )
     stack = EmbeddedStack(settings)
-    stack.start(stack.broker())
-    started = [stack.broker().name]
-    if stack.start(stack.redis_server(), adopt_external=True) == "started":
-        started.append(REDIS)
-    if stack.start_milvus() == "started":
-        started.append(MILVUS)
-    yield stack
-    for name in started:
-        stack.stop(name)
+    started: list[str] = []
+    try:  # a part that fails to start must not leave the ones before it running
+        stack.start(stack.broker())
+        started.append(stack.broker().name)
+        if stack.start(stack.redis_server(), adopt_external=True) == "started":
+            started.append(REDIS)
+        if stack.start_milvus() == "started":
+            started.append(MILVUS)
+        yield stack
+    finally:
+        for name in reversed(started):
+            stack.stop(name)
 
 
 @pytest.fixture
