@@ -121,7 +121,7 @@ class LiveModel:
         self.load_ranker = load_ranker
         self._checked = 0.0
         self._lock = threading.Lock()
-        self._refreshing = threading.Event()
+        self._refreshing = threading.Lock()  # held by the one background refresh in flight
 
     def __call__(self) -> TwoTowerModel | None:
         if time.monotonic() - self._checked >= self.settings.model.reload_interval_s:
@@ -132,9 +132,10 @@ class LiveModel:
         return self.model
 
     def _refresh_in_background(self) -> None:
-        if self._refreshing.is_set():
+        # Callers on several threads (the candidate sources) may find the check due at once:
+        # the non-blocking acquire lets exactly one of them start the refresh.
+        if not self._refreshing.acquire(blocking=False):
             return
-        self._refreshing.set()
         self._checked = time.monotonic()
 
         def run() -> None:
@@ -143,7 +144,7 @@ class LiveModel:
             except Exception:  # noqa: BLE001 (the loaded model keeps serving)
                 log.exception("model_refresh_failed")
             finally:
-                self._refreshing.clear()
+                self._refreshing.release()
 
         threading.Thread(target=run, name="live-model-refresh", daemon=True).start()
 
