@@ -207,8 +207,8 @@ class CandidateGenerator:
             try:
                 results[name] = self._run_one(name, request, k)
             except Exception as exc:  # noqa: BLE001 (a failing source is skipped, never fatal)
-                request.failed[name] = repr(exc)
-                log.warning("candidate_source_failed source=%s user_id=%s error=%r", name, ctx.user_id, exc)
+                request.failed[name] = describe(exc)
+                log.warning("candidate_source_failed source=%s user_id=%s error=%s", name, ctx.user_id, describe(exc))
         return merge(results, max_candidates or self.config.max_candidates)
 
     async def generate(self, ctx: UserContext, quotas: dict[str, int] | None = None,
@@ -250,7 +250,7 @@ class CandidateGenerator:
                 request.failed[name] = "total budget exceeded"
             elif task.exception() is not None:
                 exc = task.exception()
-                request.failed[name] = "timeout" if isinstance(exc, TimeoutError) else repr(exc)
+                request.failed[name] = "timeout" if isinstance(exc, TimeoutError) else describe(exc)
             else:
                 results[name] = task.result()
         for name, why in request.failed.items():
@@ -258,6 +258,12 @@ class CandidateGenerator:
         if trace is not None:
             trace.update(timings_ms=dict(request.timings_ms), failed=dict(request.failed))
         return merge(results, max_candidates or self.config.max_candidates)
+
+
+def describe(exc: BaseException) -> str:
+    """Type and message: pymilvus' MilvusException keeps its code and message out of ``args``,
+    so ``repr()`` gave only "MilvusException()" in the logs."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _collect(task: asyncio.Future[Any]) -> None:

@@ -264,3 +264,21 @@ def test_seed_vectors_are_fetched_once_per_model_version() -> None:
     off.generate_sync(ctx)
     off.generate_sync(ctx)
     assert len(index.fetched) == 4
+
+
+class MissingCollectionIndex(DeadlineIndex):
+    """Fails every search the way Milvus does when the live model's collection is gone."""
+
+    def search(self, vector, k, flt=None, timeout_s=None):
+        from pymilvus.exceptions import MilvusException
+
+        raise MilvusException(code=100, message="collection not found[collection=items_v1]")
+
+
+def test_a_failed_source_is_reported_with_the_backends_message() -> None:
+    # pymilvus' exception keeps its message out of args: repr() alone said "MilvusException()".
+    gen = CandidateGenerator(RetrievalSettings(), FixedModel, MissingCollectionIndex(), MemorySignals())
+    trace: dict = {}
+    asyncio.run(gen.generate(UserContext(user_id="u"), quotas={"ann": 5}, trace=trace))
+    assert "collection not found[collection=items_v1]" in trace["failed"]["ann"]
+    assert trace["failed"]["ann"].startswith("MilvusException: ")
