@@ -5,7 +5,8 @@ In:  ("profile", UserProfile) | ("user", UserFeatures doc) | ("item", ItemFeatur
      | ("trending", (region | None, score)), in micro-batches from flows/features.
 Out: one batch of Redis commands per micro-batch: SET documents, ZADD trending and
      trim to the configured size, one HSET per entity into Feast's online store layout
-     (feature_repo.store.OnlineWriter).
+     (feature_repo.store.OnlineWriter), and one XADD to the catalog-changes stream per
+     item whose catalog metadata changed (API processes evict it from their caches).
 
 Every write is an overwrite keyed by entity, so replaying a batch is harmless.
 """
@@ -119,6 +120,10 @@ class FeaturePartition(StatelessSinkPartition[Any]):
             commands.append(("SET", self.keys.user_features(user_id), orjson.dumps(doc)))
         for item_id, doc in items_.items():
             commands.append(("SET", self.keys.item_features(item_id), orjson.dumps(doc)))
+        # After the documents: an API process that reads a change finds the new document.
+        changes, changes_keep = self.keys.catalog_changes(), self.settings.features.catalog_changes_keep
+        for item_id in metas:
+            commands.append(("XADD", changes, "MAXLEN", "~", changes_keep, "*", "item_id", item_id))
         for user_id, profile in profiles.items():
             commands.append(("SET", self.keys.user_profile(user_id), profile.to_json()))
         keep = self.settings.features.trending_keep

@@ -43,6 +43,13 @@ class RedisKeys:
         """The item's metadata + statistics (JSON ItemFeatures), written by flows/features."""
         return f"{self.prefix}item:features:{item_id}"
 
+    def catalog_changes(self) -> str:
+        """Stream of item ids whose catalog metadata changed (``item_id`` field), written by flows/features.
+
+        API processes follow it to drop those items from their in-process feature cache at once.
+        """
+        return f"{self.prefix}catalog:changes"
+
     def flow_stats(self, flow: str) -> str:
         """Counters a flow publishes (hash: name -> value), e.g. dead letters."""
         return f"{self.prefix}flow:stats:{flow}"

@@ -185,8 +185,14 @@ class FeatureSettings(BaseModel):
     kafka_fetch_wait_ms: int = 20
     # Recovery partitions created on first start (>= the number of processes).
     recovery_partitions: int = 4
-    # In-process cache of item features in the API reader (slow-changing metadata).
-    reader_cache_ttl_s: float = 1.0
+    # In-process cache of item features in the API reader. A catalog change (status,
+    # regions, rating...) evicts the item at once (the catalog-changes stream, checked
+    # every reader_changes_poll_s); the TTL bounds how stale statistics (clicks,
+    # impressions) may be, and anything a missed change would have left.
+    reader_cache_ttl_s: float = 10.0
+    reader_changes_poll_s: float = 0.1
+    # Entries kept in the catalog-changes stream (approximate trim).
+    catalog_changes_keep: int = 100_000
 
 
 class ModelSettings(BaseModel):

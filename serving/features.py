@@ -8,14 +8,20 @@ Why not Feast on the hot path: ``get_online_features`` for 500 items measured
 30 ms p50 / 220 ms p99 (DESIGN.md). Here one request costs one MGET for the
 user and one MGET for the candidates (~1 ms for 200 items; both on the
 multiplexed connection of serving/multiplexed_redis.py), and item documents
-are cached in-process for ``features.reader_cache_ttl_s`` (slowly changing
-metadata; statistics are at most that stale). Feast stays the store of record:
-the same values are in its online store, read by ``FeastReader`` below.
+are cached in-process. A catalog change (status, regions, rating: what the hard
+filters read) evicts the item within ``features.reader_changes_poll_s``: the
+feature flow appends its id to the catalog-changes stream after writing the new
+document, and the reader reads the stream's new entries at most that often. The
+TTL (``features.reader_cache_ttl_s``) bounds how stale statistics may be, and
+anything a change lost to the stream's trim would have left. Feast stays the
+store of record: the same values are in its online store, read by
+``FeastReader`` below.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -24,12 +30,14 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from serving.config import Settings
 from serving.multiplexed_redis import MultiplexedRedis
 from serving.pipeline.types import UserContext
 
 MGET_CHUNK = 500
+log = logging.getLogger(__name__)
 
 
 def trending_popularity(score: float, now: float, half_life_h: float) -> float:
@@ -80,6 +88,11 @@ class OnlineFeatures:
         self.cache_ttl_s = settings.features.reader_cache_ttl_s
         self._items: dict[str, dict[str, Any] | None] = {}
         self._expiry: dict[str, float] = {}
+        # Position in the catalog-changes stream (None: not read yet, nothing is cached until it is).
+        self._changes_from: bytes | None = None
+        self._changes_due = 0.0
+        self._changes_seen = 0  # batches of evictions applied: a fetch that overlapped one is not cached
+        self._changes_failed_at = 0.0
 
     async def user_context(self, user_id: str, *, surface: str = "homepage", limit: int = 10,
                            device: str | None = None, region: str | None = None,
@@ -97,6 +110,8 @@ class OnlineFeatures:
     async def item_features(self, item_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """item_id -> ItemFeatures document (schemas.features) as :func:`hot_view` keeps it; items never seen are left out."""
         now = time.monotonic()
+        if now >= self._changes_due and self.cache_ttl_s > 0:
+            await self._follow_catalog_changes(now)
         found: dict[str, dict[str, Any]] = {}
         missing: list[str] = []
         docs, expiry = self._items, self._expiry
@@ -110,10 +125,13 @@ class OnlineFeatures:
             expires = now + self.cache_ttl_s
             for start in range(0, len(missing), MGET_CHUNK):
                 chunk = missing[start:start + MGET_CHUNK]
+                seen = self._changes_seen
                 raws = await self.reads.mget([self.keys.item_features(i) for i in chunk])
+                # A read sent before an eviction may hold the old document: served, not kept.
+                keep = self.cache_ttl_s > 0 and self._changes_from is not None and seen == self._changes_seen
                 for item_id, raw in zip(chunk, raws, strict=True):
                     doc = hot_view(orjson.loads(raw)) if raw else None
-                    if self.cache_ttl_s > 0:
+                    if keep:
                         docs[item_id], expiry[item_id] = doc, expires
                     if doc is not None:
                         found[item_id] = doc
@@ -121,6 +139,31 @@ class OnlineFeatures:
                 for item_id in [k for k, e in expiry.items() if e <= now]:
                     del docs[item_id], expiry[item_id]
         return found
+
+    async def _follow_catalog_changes(self, now: float, count: int = 1000) -> None:
+        """Evict the items the catalog-changes stream names since the last read (one request at a time)."""
+        self._changes_due = now + self.settings.features.reader_changes_poll_s
+        key = self.keys.catalog_changes()
+        try:
+            if self._changes_from is None:
+                last = await self.client.xrevrange(key, count=1)
+                self._changes_from = last[0][0] if last else b"0-0"
+                return
+            while True:
+                reply = await self.client.xread({key: self._changes_from}, count=count)
+                entries = reply[0][1] if reply else []
+                for _, fields in entries:
+                    self._expiry.pop((fields.get(b"item_id") or b"").decode(), None)
+                if entries:
+                    self._changes_from = entries[-1][0]
+                    self._changes_seen += 1
+                if len(entries) < count:
+                    return
+        except (RedisError, OSError) as exc:
+            # Kept position: the next read catches up. Until then the TTL bounds staleness.
+            if now - self._changes_failed_at > 60:
+                self._changes_failed_at = now
+                log.warning("catalog_changes_read_failed error=%s", exc)
 
     async def trending(self, region: str | None = None, k: int = 100) -> list[tuple[str, float]]:
         """Top ``k`` trending items (global when region is None), best first."""
