@@ -96,9 +96,11 @@ class RecommendationQuery(BaseModel):
     region: ShortText | None = None
 
     def to_request(self) -> RecommendationRequest:
-        return RecommendationRequest(
+        # The fields have the request's own types and were validated just now: not validated twice.
+        return RecommendationRequest.model_construct(
             user_id=self.user_id, surface=self.surface, limit=self.limit,
-            context=RecommendationContext(current_item_id=self.current_item_id, device=self.device, region=self.region),
+            context=RecommendationContext.model_construct(current_item_id=self.current_item_id, device=self.device,
+                                                          region=self.region),
         )
 
 

@@ -119,6 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Streaming-first recommendation service (Kappa: Kafka -> Bytewax -> Feast/Milvus -> FastAPI).",
         lifespan=lifespan,
+        telemetry=None if settings.observability.fastapi_telemetry else
+        {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     install_error_handlers(app)

@@ -114,6 +114,10 @@ class ObservabilitySettings(BaseModel):
     # process serves /metrics on (the API's own /metrics is on the API port).
     quality_window_s: float = 900.0
     quality_metrics_port: int = 9101
+    # FastAPI's own OpenTelemetry spans and metrics, exported to the provider an operator
+    # configures (e.g. opentelemetry-instrument). Off: the check it makes on every request
+    # is skipped; the Prometheus metrics and JSON logs above do not depend on it.
+    fastapi_telemetry: bool = False
 
 
 class StackSettings(BaseModel):

@@ -15,7 +15,7 @@ costs microseconds (no auth, no body read), which is what makes it work.
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs
+from urllib.parse import unquote_plus
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -30,9 +30,12 @@ def request_class(scope: Scope) -> str:
     """homepage | up_next | related (recommendations by surface), ingest, or other."""
     path: str = scope.get("path", "")
     if path.startswith("/recommendations"):
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        # The first surface parameter, as parse_qs would read it, without parsing the rest.
         # POST bodies are not read here (that would cost what shedding saves): homepage.
-        return query.get("surface", ["homepage"])[0]
+        for part in scope.get("query_string", b"").split(b"&"):
+            if part.startswith(b"surface=") and len(part) > 8:
+                return unquote_plus(part[8:].decode("latin-1"))
+        return "homepage"
     if path.startswith("/interactions"):
         return "ingest"
     return "other"

@@ -89,9 +89,12 @@ class PolicyConfig(BaseModel):
         return cls.model_validate(yaml.safe_load(Path(path or DEFAULT_PATH).read_text()) or {})
 
 
+_RATING_RANK = {rating: rank for rank, rating in enumerate(RATING_ORDER)}
+
+
 def rating_rank(rating: str | None, unrated_as: str) -> int:
-    value = rating or unrated_as
-    return RATING_ORDER.index(value) if value in RATING_ORDER else len(RATING_ORDER)
+    """Position in RATING_ORDER (unrated counts as ``unrated_as``, an unknown rating as the strictest)."""
+    return _RATING_RANK.get(rating or unrated_as, len(RATING_ORDER))
 
 
 def published_epoch(value: Any) -> float | None:
@@ -113,41 +116,62 @@ class PolicyEngine:
     def __init__(self, config: PolicyConfig, seed: int | None = None) -> None:
         self.config = config
         self._rng = random.Random(seed)
+        # The configuration does not change while the engine lives: what every request reads is derived once.
+        self._blocked = frozenset(config.filters.blocked_items)
+        self._placements = sorted((*config.pinned, *config.sponsored), key=lambda p: p.position)
+        self.placement_ids = [p.item_id for p in (*config.pinned, *config.sponsored)]
 
     # -- the hard filters: also used on fallback paths -------------------------------
     def allowed(self, item_id: str, item: Mapping[str, Any] | None, ctx: UserContext) -> str | None:
         """None if the item may be shown to this user, else the name of the filter that drops it."""
+        return self.checker(ctx)(item_id, item)
+
+    def checker(self, ctx: UserContext) -> Callable[[str, Mapping[str, Any] | None], str | None]:
+        """:meth:`allowed` for one user, for checking many items (what depends on the user is worked out once)."""
         f, m = self.config.filters, self.config.maturity
-        if item_id in f.blocked_items:
-            return "blocked"
-        if item_id == ctx.current_item_id:
-            return "current_item"
-        if f.consumed and item_id in ctx.consumed:
-            return "consumed"
-        if f.skipped and item_id in ctx.skipped:
-            return "skipped"
-        if item is None:
-            # Unknown to the catalog: we cannot prove status, region or maturity: do not show it.
-            return "unknown_item"
-        if f.status and (item.get("status") or "active") != "active":
-            return "status"
-        regions = item.get("regions")
-        # A region-restricted item needs a known region in its list (unknown region: not shown).
-        if f.region and regions and ctx.region not in regions:
-            return "region"
-        if m.enabled:
-            limit = m.max_rating_by_age.get(ctx.age_bucket or "", None) if ctx.age_bucket else m.unknown_age_max
-            if limit is not None and rating_rank(item.get("maturity_rating"), m.unrated_as) > rating_rank(limit, m.unrated_as):
-                return "maturity"
-        return None
+        blocked, current = self._blocked, ctx.current_item_id
+        consumed = ctx.consumed if f.consumed else ()
+        skipped = ctx.skipped if f.skipped else ()
+        check_status, check_region, region = f.status, f.region, ctx.region
+        limit = (m.max_rating_by_age.get(ctx.age_bucket) if ctx.age_bucket else m.unknown_age_max) \
+            if m.enabled else None
+        max_rank = rating_rank(limit, m.unrated_as) if limit is not None else None
+        unrated_rank = rating_rank(None, m.unrated_as)
+        ranks = _RATING_RANK
+
+        def allowed(item_id: str, item: Mapping[str, Any] | None) -> str | None:
+            if item_id in blocked:
+                return "blocked"
+            if item_id == current:
+                return "current_item"
+            if item_id in consumed:
+                return "consumed"
+            if item_id in skipped:
+                return "skipped"
+            if item is None:
+                # Unknown to the catalog: we cannot prove status, region or maturity: do not show it.
+                return "unknown_item"
+            if check_status and (item.get("status") or "active") != "active":
+                return "status"
+            # A region-restricted item needs a known region in its list (unknown region: not shown).
+            if check_region and (regions := item.get("regions")) and region not in regions:
+                return "region"
+            if max_rank is not None:
+                rating = item.get("maturity_rating")
+                if (ranks.get(rating, len(RATING_ORDER)) if rating else unrated_rank) > max_rank:
+                    return "maturity"
+            return None
+
+        return allowed
 
     def filter(self, candidates: list[Candidate], items: Mapping[str, Mapping[str, Any]], ctx: UserContext,
                exposure: Mapping[str, int] | None = None, item_exposure: Mapping[str, int] | None = None) -> list[Candidate]:
         """Drop what may not be shown, including items over their daily exposure caps."""
         cap = self.config.exposure
+        allowed = self.checker(ctx)
         kept = []
         for candidate in candidates:
-            if self.allowed(candidate.item_id, items.get(candidate.item_id), ctx) is not None:
+            if allowed(candidate.item_id, items.get(candidate.item_id)) is not None:
                 continue
             if exposure and exposure.get(candidate.item_id, 0) >= cap.per_user_item:
                 continue
@@ -245,18 +269,15 @@ class PolicyEngine:
         rest = [c for c in candidates[limit:] if c.item_id not in chosen_ids]
         return page + displaced + rest
 
-    @property
-    def placement_ids(self) -> list[str]:
-        return [p.item_id for p in (*self.config.pinned, *self.config.sponsored)]
-
     def place(self, candidates: list[Candidate], items: Mapping[str, Mapping[str, Any]], ctx: UserContext) -> list[Candidate]:
         """Pinned and sponsored items at fixed positions, if they pass the hard filters (every path)."""
-        placements = [p for p in (*self.config.pinned, *self.config.sponsored) if ctx.surface in p.surfaces]
+        placements = [p for p in self._placements if ctx.surface in p.surfaces]
         if not placements:
             return candidates
         page = list(candidates)
-        for placement in sorted(placements, key=lambda p: p.position):
-            if self.allowed(placement.item_id, items.get(placement.item_id), ctx) is not None:
+        allowed = self.checker(ctx)
+        for placement in placements:
+            if allowed(placement.item_id, items.get(placement.item_id)) is not None:
                 continue
             existing = next((c for c in page if c.item_id == placement.item_id), None)
             if existing is not None:

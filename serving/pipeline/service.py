@@ -246,10 +246,11 @@ class Recommender:
         rows = entry["items"]
         items = await self.features.item_features([i[0] for i in rows[: 2 * need]] + self.policy.placement_ids)
         page: list[Candidate] = []
+        allowed = self.policy.checker(ctx)
         for n, (i, s, r) in enumerate(rows):
             if n == 2 * need:
                 items.update(await self.features.item_features([i[0] for i in rows[n:]]))
-            if self.policy.allowed(i, items.get(i), ctx) is None:
+            if allowed(i, items.get(i)) is None:
                 page.append(Candidate(item_id=i, score=s, reasons=list(r)))
                 if len(page) >= need:
                     break
@@ -273,17 +274,18 @@ class Recommender:
                for m in await self.redis.zrevrange(key, 0, self.cfg.fallback_depth - 1)]
         items = await self.features.item_features(ids + self.policy.placement_ids)
         self._snapshot[key], self._snapshot_items = ids, {**self._snapshot_items, **items}
-        n = len(ids)
+        n, allowed = len(ids), self.policy.checker(ctx)
         page = [Candidate(item_id=i, sources={name: 1 - k / max(n, 1)}, score=1 - k / max(n, 1), reasons=[f"source:{name}"])
-                for k, i in enumerate(ids) if self.policy.allowed(i, items.get(i), ctx) is None]
+                for k, i in enumerate(ids) if allowed(i, items.get(i)) is None]
         return self.policy.place(page[: ctx.limit], items, ctx)[: ctx.limit]
 
     def _from_snapshot(self, request: RecommendationRequest, ctx: UserContext | None) -> list[Candidate]:
         ctx = ctx or UserContext(user_id=request.user_id, surface=request.surface.value, limit=request.limit,
                                  region=request.context.region)
         ids = self._snapshot.get(self.keys.trending(ctx.region)) or self._snapshot.get(self.keys.trending(None)) or []
+        allowed = self.policy.checker(ctx)
         page = [Candidate(item_id=i, score=0.0, reasons=["source:snapshot"]) for i in ids
-                if self.policy.allowed(i, self._snapshot_items.get(i), ctx) is None][: request.limit]
+                if allowed(i, self._snapshot_items.get(i)) is None][: request.limit]
         return self.policy.place(page, self._snapshot_items, ctx)[: request.limit]
 
     async def warm_snapshot(self) -> None:

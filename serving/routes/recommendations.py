@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from functools import cache
 from typing import Annotated, Any
@@ -26,6 +25,7 @@ from schemas.api import (
 from schemas.events import Surface
 from schemas.security import ApiScope
 from serving.errors import ApiError
+from serving.logging import new_request_id
 from serving.pipeline.service import Recommender
 from serving.security import ApiKeyAuthenticator, api_key_from
 
@@ -45,7 +45,7 @@ def _recommender(request: Request) -> Recommender:
 
 def _request_id(scope: Scope) -> str:
     # RequestContext put the caller's (or a new) id in the scope's state; set outside it, one is made here.
-    return scope.get("state", {}).get("request_id") or uuid.uuid4().hex
+    return scope.get("state", {}).get("request_id") or new_request_id()
 
 
 def _json(body: bytes) -> Response:

@@ -40,3 +40,19 @@ def test_response_wire_json_is_the_validated_responses_json(items: list[tuple[st
     wire = RecommendationResponse.wire_json(items=items, **fields)
     assert wire == model.__pydantic_serializer__.to_json(model) == model.model_dump_json().encode()
     assert RecommendationResponse.model_validate_json(wire) == model
+
+
+@pytest.mark.parametrize("params", [
+    {"user_id": "u1"},
+    {"user_id": " u2 ", "surface": "up_next", "limit": "25", "current_item_id": "m7", "device": "tv", "region": "eu-west"},
+])
+def test_a_query_becomes_the_request_validation_would_make(params: dict[str, str]) -> None:
+    from schemas.api import RecommendationQuery, RecommendationRequest
+
+    query = RecommendationQuery.model_validate(params)
+    built = query.to_request()
+    validated = RecommendationRequest.model_validate({
+        "user_id": query.user_id, "surface": query.surface, "limit": query.limit,
+        "context": {"current_item_id": query.current_item_id, "device": query.device, "region": query.region}})
+    assert built == validated and built.model_dump() == validated.model_dump()
+    assert built.to_json() == validated.to_json()
