@@ -146,7 +146,11 @@ class LiveModel:
             finally:
                 self._refreshing.release()
 
-        threading.Thread(target=run, name="live-model-refresh", daemon=True).start()
+        try:
+            threading.Thread(target=run, name="live-model-refresh", daemon=True).start()
+        except RuntimeError:  # no thread could be started (resources): the next due check tries again
+            self._refreshing.release()
+            log.warning("model_refresh_not_started", exc_info=True)
 
     def refresh(self) -> bool:
         """Load the live version if it changed; True when a new model was loaded."""

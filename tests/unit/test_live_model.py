@@ -77,3 +77,19 @@ def test_without_background_a_due_check_loads_on_the_callers_thread(slow_loads: 
     started = time.monotonic()
     assert live() == ("two_tower", "v1")
     assert time.monotonic() - started >= LOAD_S
+
+
+def test_a_refresh_thread_that_cannot_start_leaves_the_next_check_free_to_try(
+        slow_loads: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    live, registry = live_model(background=True)
+    assert live.refresh()
+    registry.entry = ModelVersion(version="v2", artefacts="/models/v2", status="live")
+
+    def refuse(self: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry_module.threading.Thread, "start", refuse)
+        assert live() == ("two_tower", "v1")  # the due check could not start its thread
+    assert live() == ("two_tower", "v1")  # the next one can: the claim was given back
+    wait_for_version(live, "v2")
