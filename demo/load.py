@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 from tqdm import tqdm
@@ -90,17 +91,43 @@ async def publish(data: MovieLens, api: str, key: str | None, quiet: bool = Fals
     return {"users": len(data.users), "items": len(data.items), "interactions": len(data.interactions)}
 
 
-def request_first_model(api: str, key: str | None) -> str:
-    """Ask the trainer for a model if none is live yet (POST /models/refresh); says what it did."""
+def live_model_missing(settings: Settings, live: dict[str, Any]) -> str | None:
+    """Why the version the registry calls live cannot serve here, or None.
+
+    The registry lives in Redis, the artefacts and vectors under the state folder
+    and in Milvus: with the Redis kept and the rest reset, the registry names a
+    model whose files or collection are gone, and every ANN source fails.
+    """
+    if not Path(live.get("artefacts") or "").exists():
+        return f"its artefacts folder {live.get('artefacts')!r} is gone"
+    from infra.milvus import alias_target, connect
+
+    client = connect(settings)
+    try:
+        target = alias_target(client, settings.retrieval.serving_alias)
+        if target is None or not client.has_collection(target):
+            return f"Milvus has no collection behind the alias {settings.retrieval.serving_alias!r}"
+    finally:
+        client.close()
+    return None
+
+
+def request_first_model(api: str, key: str | None, settings: Settings | None = None) -> str:
+    """Ask the trainer for a model if none can serve yet (POST /models/refresh); says what it did."""
     headers = {"x-api-key": key} if key else {}
     with httpx.Client(base_url=api, headers=headers, timeout=10.0) as client:
         models = client.get("/models")
-        if models.status_code == 200 and models.json().get("live"):
-            return f"model {models.json()['live']['version']} is live"
+        live = models.json().get("live") if models.status_code == 200 else None
+        why = "the first model is training"
+        if live:
+            missing = live_model_missing(settings or load_settings(), live)
+            if missing is None:
+                return f"model {live['version']} is live"
+            why = f"model {live['version']} is registered as live but {missing}: a new one is training"
         refresh = client.post("/models/refresh")
         if refresh.status_code != 202:
             return f"could not request a model ({refresh.status_code}: {refresh.text[:200]})"
-        return ("the first model is training in the background (a few minutes); until it is live, "
+        return (f"{why} in the background (a few minutes); until it is live, "
                 "lists come from trending. `GET /models` shows it")
 
 
@@ -118,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.force and run_id and marker.exists() and marker.read_text().strip() == run_id:
         print("demo data already loaded into this broker run (use --force to publish again)")
         if not args.no_model:
-            print(request_first_model(args.api, api_key(settings)))
+            print(request_first_model(args.api, api_key(settings), settings))
         return 0
     data = load_movielens()
     counts = asyncio.run(publish(data, args.api, api_key(settings), quiet=args.quiet))
@@ -126,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         marker.write_text(run_id)
     print("published " + ", ".join(f"{n:,} {k}" for k, n in counts.items()))
     if not args.no_model:
-        print(request_first_model(args.api, api_key(settings)))
+        print(request_first_model(args.api, api_key(settings), settings))
     return 0
 
 
