@@ -13,7 +13,13 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_live_entry_without_its_artefacts_or_collection_is_reported(settings: Settings, tmp_path: Path) -> None:
-    from infra.milvus import collection_name, connect, create_item_collection, drop_collection, swap_alias
+    from infra.milvus import (
+        collection_name,
+        connect,
+        create_item_collection,
+        drop_collection,
+        swap_alias,
+    )
 
     tag = settings.redis.key_prefix.split(":")[1]  # this test's own alias and collections
     settings.retrieval.collection_prefix, settings.retrieval.serving_alias = f"it_{tag}", f"it_{tag}_serving"
