@@ -183,8 +183,11 @@ def _latency(r: dict[str, Any]) -> list[str]:
         return _f((x.get("unsaturated") or {}).get(key), 2)
 
     c = (h.get("unsaturated") or {}).get("connections", "-")
+    rounds = next((len(row["cached"]["rounds"]) for row in r["sizes"].values() if "rounds" in row["cached"]), 0)
     lines = [f"Saturated: {h.get('connections', '-')} connections on one worker (requests/s; latency there is "
-             f"queueing). Unsaturated: {c} connection(s), where p99 targets are read.", "",
+             f"queueing). Unsaturated: {c} connection(s), where p99 targets are read."
+             + (f" Cached req/s and ratio: the median of {rounds} rounds, each run right after a hello-world run "
+                "(the hello-world row is the first of those runs)." if rounds else ""), "",
              "| items | path | req/s | x hello-world req/s | p50 ms | p99 ms | p50 ms unsaturated "
              "| p99 ms unsaturated | non-2xx | served_from (sample) | API peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -62,14 +62,21 @@ def require_wrk() -> str:
 
 
 def wrk(url: str, *, seconds: int = 10, connections: int = 32, threads: int = 1, method: str = "GET",
-        body: bytes | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run wrk against url; returns requests/s, percentiles in ms, non-2xx and socket errors."""
+        body: bytes | None = None, headers: dict[str, str] | None = None,
+        paths: list[str] | None = None) -> dict[str, Any]:
+    """Run wrk against url; returns requests/s, percentiles in ms, non-2xx and socket errors.
+
+    ``paths``: request these in turn (round robin per wrk thread) instead of url's own path.
+    """
     headers = {**(headers or {})}
     script = [f'wrk.method = "{method}"']
     if body is not None:
         headers.setdefault("Content-Type", "application/json")
     for key, value in headers.items():
         script.append(f'wrk.headers["{key}"] = "{value}"')
+    if paths:
+        script.append("local paths = {" + ",".join(json.dumps(p) for p in paths) + "}")
+        script.append("local i = 0\nrequest = function()\n  i = i % #paths + 1\n  return wrk.format(nil, paths[i])\nend")
     with tempfile.TemporaryDirectory() as tmp:
         if body is not None:
             body_path = Path(tmp) / "body.json"
