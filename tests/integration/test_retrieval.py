@@ -283,3 +283,46 @@ def test_catalog_flow_dead_letters_bad_records_and_keeps_going(settings: Setting
     letters = [DeadLetterRecord.from_json(d.value) for d in dead]
     assert [(d.source, d.offset) for d in letters] == [("catalog", 1), ("catalog", 3)]
     assert "status" in letters[1].reason  # the bad field is named
+
+
+def test_lean_search_answers_as_the_public_pymilvus_call(rsettings: Settings) -> None:
+    """MilvusItemIndex reads replies straight from the protobuf: the same ids, scores and order as
+    MilvusClient.search, for one and several query vectors, with and without filters; errors still raise."""
+    from infra import milvus
+    from infra.milvus import create_item_collection, rows_from_columns, swap_alias
+
+    assert milvus._LEAN_SEARCH, "pymilvus lacks what the lean search reads: the serving path uses the slow call"
+    rng = np.random.default_rng(3)
+    n, dim = 2000, 16
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    client = connect(rsettings)
+    name = f"{rsettings.retrieval.collection_prefix}_lean"
+    create_item_collection(client, name, dim, rsettings)
+    client.insert(name, rows_from_columns(
+        [f"i{k}" for k in range(n)], vectors, category=[("Drama", "Comedy")[k % 2] for k in range(n)],
+        language=["en"] * n, regions=[[] if k % 3 == 0 else [("us", "fr")[k % 2]] for k in range(n)],
+        status=["active"] * n, published_at=[k for k in range(n)], maturity_rating=[""] * n,
+        cold=[k % 5 == 0 for k in range(n)]))
+    client.flush(name)
+    swap_alias(client, rsettings.retrieval.serving_alias, name)
+    index = MilvusItemIndex(rsettings)
+    params = {"metric_type": "IP", "params": {"ef": 200}}
+    queries = [v.tolist() for v in vectors[:3]]
+    for flt in (SearchFilter(), SearchFilter(region="fr"), SearchFilter(categories=("Drama",), region="us"),
+                SearchFilter(fresh_since=1500, region="us")):
+        for data in (queries[:1], queries):
+            lean = index._search_lean(data, 150, flt.expression(), params, 5.0)
+            public = index._search_public(data, 150, flt.expression(), params, 5.0)
+            assert len(lean) == len(public) == len(data)
+            for (lean_ids, lean_scores), (ids, scores) in zip(lean, public, strict=True):
+                assert len(ids) > 0 and list(lean_ids) == list(ids)
+                assert list(lean_scores) == list(scores)
+    # What the sources receive: filtered, exclusions dropped, cut at k.
+    hits = index.search_many([vectors[0], vectors[1]], 20, SearchFilter(region="fr", exclude=frozenset({"i0"})))
+    assert [len(h) for h in hits] == [20, 20] and "i0" not in {i for i, _ in hits[0]}
+    assert all(int(i[1:]) % 3 == 0 or int(i[1:]) % 2 == 1 for h in hits for i, _ in h)  # shown in fr
+    missing = MilvusItemIndex(rsettings, target=f"{rsettings.retrieval.collection_prefix}_absent")
+    with pytest.raises(Exception, match="(?i)collection"):
+        missing.search(vectors[0], 5)
+    client.close()
