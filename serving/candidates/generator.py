@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -59,8 +60,14 @@ class Request:
     # Deadline of each index call (generate(): the source timeout, so a search that missed its
     # budget frees its thread instead of holding it for milvus.timeout_s); None: backend default.
     timeout_s: float | None = None
+    # Source -> k for this request (the shared search sizes itself from them).
+    quotas: dict[str, int] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    # ann's and item2item's hits, from one index call (CandidateGenerator.near): made by whichever
+    # of the two asks first, in its thread; the other waits on the lock and reads them.
+    near_lock: threading.Lock = field(default_factory=threading.Lock)
+    near_hits: tuple[SourceResult | None, list[SourceResult]] | BaseException | None = None
 
 
 class CandidateGenerator:
@@ -106,10 +113,43 @@ class CandidateGenerator:
         return [(i, s) for i, s in hits if i not in request.exclude][:k]
 
     # -- sources ------------------------------------------------------------------
+    def near(self, request: Request) -> tuple[SourceResult | None, list[SourceResult]]:
+        """ANN around the user vector (for ``ann``) and around each seed (for ``item2item``), in ONE index call.
+
+        Both search the same index under the same filter, and Milvus' cost is mostly per call
+        (the region filter over every row, the request itself), not per query vector: at 100k
+        items, 5.3 ms of server CPU for the user vector alone, 4.1 ms for three seeds, 7.0 ms
+        for all four together. Each query asks for the larger of the two sources' sizes.
+        Returns (the user vector's hits or None, one hit list per seed vector).
+        """
+        with request.near_lock:
+            if request.near_hits is None:
+                try:
+                    request.near_hits = self._near(request)
+                except BaseException as exc:  # both sources fail with it
+                    request.near_hits = exc
+        if isinstance(request.near_hits, BaseException):
+            raise request.near_hits
+        return request.near_hits
+
+    def _near(self, request: Request) -> tuple[SourceResult | None, list[SourceResult]]:
+        k_user = request.quotas.get("ann", 0) if request.user_vector is not None else 0
+        k_seed = request.quotas.get("item2item", 0)
+        seeds = list(self.seed_vectors(request).values()) if k_seed and request.seeds else []
+        queries = ([request.user_vector] if k_user else []) + seeds
+        if not queries:
+            return None, []
+        limit = max(self._overfetch(request, k_user) if k_user else 0,
+                    self._overfetch(request, max(1, k_seed // len(seeds))) if seeds else 0)
+        hits = self.index.search_many(queries, limit, SearchFilter(region=request.region), request.timeout_s)
+        hits = [[(i, s) for i, s in rows if i not in request.exclude] for rows in hits]
+        return (hits[0] if k_user else None), hits[1 if k_user else 0:]
+
     def ann(self, request: Request, k: int) -> SourceResult:
         if request.user_vector is None:
             return []
-        return self._search(request, request.user_vector, k, SearchFilter(region=request.region))
+        user_hits, _ = self.near(request)
+        return (user_hits or [])[:k]
 
     def seed_vectors(self, request: Request) -> dict[str, np.ndarray]:
         """The seeds' vectors (in seed order), from the in-process cache where fresh, else the index."""
@@ -133,15 +173,13 @@ class CandidateGenerator:
         return {s: found[s] for s in request.seeds if s in found}
 
     def item2item(self, request: Request, k: int) -> SourceResult:
-        vectors = self.seed_vectors(request)
-        if not vectors:
+        _, per_seed_hits = self.near(request)
+        if not per_seed_hits:
             return []
-        per_seed = max(1, k // len(vectors))
+        per_seed = max(1, k // len(per_seed_hits))
         merged: dict[str, float] = {}
-        # One round trip for all seeds.
-        for hits in self.index.search_many(list(vectors.values()), self._overfetch(request, per_seed),
-                                           SearchFilter(region=request.region), request.timeout_s):
-            for item_id, score in [(i, s) for i, s in hits if i not in request.exclude][:per_seed]:
+        for hits in per_seed_hits:
+            for item_id, score in hits[:per_seed]:
                 merged[item_id] = max(score, merged.get(item_id, float("-inf")))
         return sorted(merged.items(), key=lambda kv: -kv[1])[:k]
 
@@ -202,8 +240,9 @@ class CandidateGenerator:
                       max_candidates: int | None = None) -> list[Candidate]:
         """All sources one after another, no timeouts (precompute flow, offline evaluation)."""
         request = self.prepare(ctx)
+        request.quotas = self._quotas(quotas)
         results: dict[str, SourceResult] = {}
-        for name, k in self._quotas(quotas).items():
+        for name, k in request.quotas.items():
             try:
                 results[name] = self._run_one(name, request, k)
             except Exception as exc:  # noqa: BLE001 (a failing source is skipped, never fatal)
@@ -225,13 +264,13 @@ class CandidateGenerator:
         # still busy with earlier timed-out searches must not delay the start of this request.
         request = self.prepare(ctx)
         request.timeout_s = self.config.source_timeout_s
-        wanted = self._quotas(quotas)
+        request.quotas = self._quotas(quotas)
         futures = {
             name: asyncio.wait_for(
                 loop.run_in_executor(self.signals_executor if name in SIGNAL_SOURCES else self.executor,
                                      self._run_one, name, request, k),
                 timeout=self.config.source_timeout_s)
-            for name, k in wanted.items()
+            for name, k in request.quotas.items()
         }
         tasks = {name: asyncio.ensure_future(f) for name, f in futures.items()}
         total = self.config.total_timeout_s if budget_s is None else min(self.config.total_timeout_s, budget_s)
@@ -277,27 +316,32 @@ def merge(results: dict[str, SourceResult], max_candidates: int) -> list[Candida
     Each candidate keeps every source that found it with that source's score;
     its score is reciprocal-rank fusion over them, and the list is sorted by it.
     """
-    merged: dict[str, Candidate] = {}
+    # Plain dicts while merging, one Candidate per item at the end: this loop runs ~1,000 times
+    # per request on the event loop, and a Candidate plus a method call per hit cost ~15% more.
+    found: dict[str, dict[str, float]] = {}
+    fused: dict[str, float] = {}
     # Only the sources with a hit at this rank, in their order: rank by rank, a list drops out
-    # when it runs out (this loop runs ~1,000 times per request on the event loop).
+    # when it runs out.
     active: Sequence[tuple[str, SourceResult]] = [(name, rows) for name, rows in results.items() if rows]
     rank, shortest = 0, min((len(rows) for _, rows in active), default=0)
     while active:
         bonus = 1.0 / (RRF_K + rank)
         for name, rows in active:
             item_id, score = rows[rank]
-            candidate = merged.get(item_id)
-            if candidate is None:
-                if len(merged) >= max_candidates:
+            sources = found.get(item_id)
+            if sources is None:
+                if len(found) >= max_candidates:
                     continue
-                candidate = merged[item_id] = Candidate(item_id=item_id)
-            candidate.add_source(name, score)
-            candidate.score += bonus
+                found[item_id] = {name: score}
+                fused[item_id] = bonus
+            else:
+                if score > sources.get(name, float("-inf")):
+                    sources[name] = score
+                fused[item_id] += bonus
         rank += 1
         if rank == shortest:
             active = [(name, rows) for name, rows in active if len(rows) > rank]
             shortest = min((len(rows) for _, rows in active), default=0)
-    out = sorted(merged.values(), key=lambda c: -c.score)
-    for candidate in out:
-        candidate.reasons = sorted(candidate.sources)
-    return out
+    # Best first; equal scores keep the order they were found in (a stable sort, reversed).
+    return [Candidate(item_id=i, sources=found[i], score=fused[i], reasons=sorted(found[i]))
+            for i in sorted(fused, key=fused.__getitem__, reverse=True)]

@@ -108,6 +108,34 @@ def test_quotas_come_from_configuration() -> None:
     assert [(c.item_id, list(c.sources)) for c in candidates] == [("d", ["trending"])]
 
 
+class CallCountingIndex(MemoryItemIndex):
+    def __init__(self) -> None:
+        items, vectors = catalog()
+        super().__init__(items, vectors, cold=[False] * len(items))
+        self.calls: list[int] = []  # query vectors per search call
+
+    def search_many(self, vectors, k, flt=None, timeout_s=None):
+        self.calls.append(len(vectors))
+        return super().search_many(vectors, k, flt, timeout_s)
+
+
+def test_ann_and_item2item_share_one_index_call_and_answer_as_alone() -> None:
+    ctx = UserContext(user_id="u", region="fr", recent=[("a", "click", 0.0), ("d", "click", 0.0)],
+                      consumed={"a", "d"})
+    both = {"ann": 3, "item2item": 4}
+    for run in ("sync", "async"):
+        index = CallCountingIndex()
+        gen = generator(index=index)
+        candidates = (gen.generate_sync(ctx, quotas=both) if run == "sync"
+                      else asyncio.run(gen.generate(ctx, quotas=both)))
+        assert index.calls == [3]  # the user vector and both seeds, one call
+        alone = {name: {c.item_id: c.sources[name] for c in generator(index=CallCountingIndex()).generate_sync(
+            ctx, quotas={name: k})} for name, k in both.items()}
+        for name, expected in alone.items():
+            assert {c.item_id: c.sources[name] for c in candidates if name in c.sources} == expected
+        assert alone["ann"] and alone["item2item"]
+
+
 class BrokenIndex:
     name = "broken"
 
