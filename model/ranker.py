@@ -1,4 +1,4 @@
-"""The heavy ranker: a small torch MLP over ``serving.pipeline.ranking.ranking_features``.
+"""The heavy ranker: a small torch MLP over ``serving.pipeline.ranking.ranking_rows``.
 
 In: the interaction log in time order, the catalog, user profiles and the
 two-tower model of the same version. Out: ``ranker.pt`` + ``ranker.json`` in
@@ -37,7 +37,7 @@ from torch import nn
 from schemas.catalog import ItemRecord, UserProfile
 from schemas.events import InteractionEvent
 from serving.config import Settings
-from serving.pipeline.ranking import FEATURE_NAMES, light_rank, normalise_sources, ranking_features
+from serving.pipeline.ranking import FEATURE_NAMES, light_rank, ranking_rows
 from serving.pipeline.types import Candidate, UserContext
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,8 @@ class HeavyRanker:
     def rank(self, ctx: UserContext, candidates: list[Candidate], items: Mapping[str, Mapping[str, Any]]) -> list[Candidate]:
         if not candidates:
             return candidates
-        bounds = normalise_sources(candidates)
         current = (items.get(ctx.current_item_id or "") or {}).get("category")
-        rows = np.array([ranking_features(ctx, c, items.get(c.item_id), bounds, current) for c in candidates])
+        rows = np.array(ranking_rows(ctx, candidates, items, current))
         for candidate, score in zip(candidates, self.scores(rows), strict=True):
             candidate.score = float(score)
         return sorted(candidates, key=lambda c: -c.score)
@@ -212,11 +211,10 @@ def build_ranking_data(settings: Settings, model: Any, events: Sequence[Interact
                 shortlist = light_rank(candidates, ctx, docs, weights, keep)
                 ids = [c.item_id for c in shortlist]
                 if event.item_id in ids:
-                    bounds = normalise_sources(shortlist)
                     group = len(light_positions)
                     light_positions.append(ids.index(event.item_id))
+                    rows.extend(ranking_rows(ctx, shortlist, docs))
                     for c in shortlist:
-                        rows.append(ranking_features(ctx, c, docs.get(c.item_id), bounds))
                         labels.append(1.0 if c.item_id == event.item_id else 0.0)
                         groups.append(group)
         replay.apply(event)

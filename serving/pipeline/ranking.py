@@ -15,7 +15,7 @@ each made after every earlier event): NDCG@10 0.080 -> 0.093 (most-popular
 0.031). The positive was among the candidates for 95% of asks, in the light
 top 200 for 78% and in the top 10 for 16%: ranking, not recall, is the gap.
 Heavy: the torch model in model/ranker.py when a trained version is live, over
-the features of ``ranking_features`` (the same function builds training rows,
+the features of ``ranking_rows`` (the same function builds training rows,
 so serving and training cannot skew); without a model the light score stands.
 """
 
@@ -45,8 +45,13 @@ def normalise_sources(candidates: Sequence[Candidate]) -> dict[str, tuple[float,
     bounds: dict[str, tuple[float, float]] = {}
     for candidate in candidates:
         for source, score in candidate.sources.items():
-            low, high = bounds.get(source, (score, score))
-            bounds[source] = (min(low, score), max(high, score))
+            found = bounds.get(source)
+            if found is None:
+                bounds[source] = (score, score)
+            elif score < found[0]:
+                bounds[source] = (score, found[1])
+            elif score > found[1]:
+                bounds[source] = (found[0], score)
     return bounds
 
 
@@ -56,53 +61,63 @@ def _scaled(score: float, bounds: tuple[float, float]) -> float:
 
 
 def affinity_shares(ctx: UserContext) -> dict[str, float]:
-    """Each category's ``affinity_share``, computed once for a request."""
+    """Each category's share of the user's positive affinity (absent: 0), computed once for a request."""
     total = sum(v for v in ctx.category_affinity.values() if v > 0) or 1.0
     return {category: max(0.0, v) / total for category, v in ctx.category_affinity.items()}
-
-
-def affinity_share(ctx: UserContext, category: str | None) -> float:
-    """The category's share of the user's positive affinity (0 for none)."""
-    return affinity_shares(ctx).get(category, 0.0) if category else 0.0
 
 
 def light_rank(candidates: list[Candidate], ctx: UserContext, items: Mapping[str, Mapping[str, Any]],
                weights: Mapping[str, float], keep: int) -> list[Candidate]:
     """Fuse source scores into one score; keep the best ``keep`` (best first)."""
-    # Per request, not per candidate: each source's range and each category's share (this loop
-    # runs ~1,000 times per request on the event loop: 5.4 -> 3.1 ms on this machine).
+    # Per request, not per candidate: each source's range and weight, each category's share
+    # (this loop runs ~1,000 times per request on the event loop).
     bounds = normalise_sources(candidates)
+    source_weights = {s: weights.get(s, 0.1) for s in bounds}
     shares = affinity_shares(ctx)
     affinity_weight = weights.get("affinity", 0.2)
     for candidate in candidates:
         # A source's vote: a small share for finding the item at all, the rest by its rank in
         # that source. Summed, so agreement counts, but a weak source cannot outvote ANN.
-        fused = sum(weights.get(s, 0.1) * (0.1 + 0.9 * _scaled(v, bounds[s])) for s, v in candidate.sources.items())
-        category = (items.get(candidate.item_id) or {}).get("category")
+        fused = 0.0
+        for s, v in candidate.sources.items():
+            fused += source_weights[s] * (0.1 + 0.9 * _scaled(v, bounds[s]))
+        item = items.get(candidate.item_id)
+        category = item.get("category") if item else None
         candidate.score = fused + affinity_weight * (shares.get(category, 0.0) if category else 0.0)
     candidates.sort(key=lambda c: (-c.score, c.item_id))
     return candidates[:keep]
 
 
-def ranking_features(ctx: UserContext, candidate: Candidate, item: Mapping[str, Any] | None,
-                     bounds: Mapping[str, tuple[float, float]], current_category: str | None = None) -> list[float]:
-    """One row of heavy-ranker input; used identically for training and serving."""
-    item = item or {}
-    row = [(_scaled(candidate.sources[s], bounds[s]) if s in candidate.sources else 0.0) for s in SOURCES]
-    category = item.get("category")
-    popularity = float(sum(item.get(k) or 0 for k in ("views", "clicks", "watches", "likes")))
-    published = published_epoch(item.get("published_at"))
-    age_days = max(0.0, (ctx.now.timestamp() - published) / 86400) if published is not None else 3650.0
-    row += [
-        float(len(candidate.sources)),
-        affinity_share(ctx, category),
-        1.0 if category and category in ctx.preferred_categories else 0.0,
-        1.0 if category and category == current_category else 0.0,
-        math.log1p(max(0.0, popularity)),
-        float(item.get("ctr") or 0.0),
-        math.log1p(age_days),
-        1.0 if ctx.is_cold else 0.0,
-    ]
-    row += [1.0 if ctx.surface == s else 0.0 for s in SURFACES]
-    row += [1.0 if ctx.device == d else 0.0 for d in DEVICES]
-    return row
+def ranking_rows(ctx: UserContext, candidates: Sequence[Candidate], items: Mapping[str, Mapping[str, Any]],
+                 current_category: str | None = None) -> list[list[float]]:
+    """The heavy ranker's input, one row per candidate (``FEATURE_NAMES``); the same code builds training rows.
+
+    Source scores are scaled within ``candidates`` (the shortlist), as in training.
+    """
+    bounds = normalise_sources(candidates)
+    shares = affinity_shares(ctx)
+    now = ctx.now.timestamp()
+    # What depends on the request only, once: the user's coldness, the surface and the device.
+    request_part = [1.0 if ctx.is_cold else 0.0, *(1.0 if ctx.surface == s else 0.0 for s in SURFACES),
+                    *(1.0 if ctx.device == d else 0.0 for d in DEVICES)]
+    rows = []
+    for candidate in candidates:
+        item = items.get(candidate.item_id) or {}
+        sources = candidate.sources
+        row = [(_scaled(sources[s], bounds[s]) if s in sources else 0.0) for s in SOURCES]
+        category = item.get("category")
+        popularity = float(sum(item.get(k) or 0 for k in ("views", "clicks", "watches", "likes")))
+        published = published_epoch(item.get("published_at"))
+        age_days = max(0.0, (now - published) / 86400) if published is not None else 3650.0
+        row += [
+            float(len(sources)),
+            shares.get(category, 0.0) if category else 0.0,
+            1.0 if category and category in ctx.preferred_categories else 0.0,
+            1.0 if category and category == current_category else 0.0,
+            math.log1p(max(0.0, popularity)),
+            float(item.get("ctr") or 0.0),
+            math.log1p(age_days),
+            *request_part,
+        ]
+        rows.append(row)
+    return rows

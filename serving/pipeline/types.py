@@ -46,7 +46,3 @@ class Candidate:
     sources: dict[str, float] = field(default_factory=dict)
     score: float = 0.0
     reasons: list[str] = field(default_factory=list)
-
-    def add_source(self, source: str, score: float) -> None:
-        if score > self.sources.get(source, float("-inf")):
-            self.sources[source] = score

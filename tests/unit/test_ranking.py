@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from model.ranker import HeavyRanker, RankingData, train_ranker
-from serving.pipeline.ranking import FEATURE_NAMES, light_rank, normalise_sources, ranking_features
+from serving.pipeline.ranking import FEATURE_NAMES, light_rank, ranking_rows
 from serving.pipeline.types import Candidate, UserContext
 
 
@@ -22,14 +22,21 @@ def test_light_rank_fuses_normalised_sources_and_affinity() -> None:
     assert [c.item_id for c in ranked] == ["d", "b", "a"]
 
 
-def test_ranking_features_have_one_value_per_name() -> None:
-    candidate = Candidate("a", sources={"ann": 0.4, "trending": 3.0})
-    ctx = UserContext(user_id="u", surface="up_next", device="tv", category_affinity={"x": 1.0})
-    row = ranking_features(ctx, candidate, {"category": "x", "views": 3, "ctr": 0.1}, normalise_sources([candidate]))
-    assert len(row) == len(FEATURE_NAMES)
-    named = dict(zip(FEATURE_NAMES, row, strict=True))
-    assert named["category_affinity"] == 1.0 and named["surface_up_next"] == 1.0 and named["device_tv"] == 1.0
-    assert named["src_ann"] == 1.0 and named["src_covisit"] == 0.0 and named["n_sources"] == 2.0
+def test_ranking_rows_have_one_value_per_name_and_candidate() -> None:
+    candidates = [Candidate("a", sources={"ann": 0.4, "trending": 3.0}), Candidate("b", sources={"ann": 0.2})]
+    ctx = UserContext(user_id="u", surface="up_next", device="tv", category_affinity={"x": 3.0, "y": 1.0},
+                      preferred_categories=["y"])
+    items = {"a": {"category": "x", "views": 3, "ctr": 0.1}, "b": {"category": "y", "published_at": 0}}
+    rows = ranking_rows(ctx, candidates, items, current_category="y")
+    assert [len(row) for row in rows] == [len(FEATURE_NAMES)] * 2
+    a, b = (dict(zip(FEATURE_NAMES, row, strict=True)) for row in rows)
+    assert a["category_affinity"] == 0.75 and a["surface_up_next"] == 1.0 and a["device_tv"] == 1.0
+    assert a["src_ann"] == 1.0 and a["src_covisit"] == 0.0 and a["n_sources"] == 2.0 and a["ctr"] == 0.1
+    assert a["log_popularity"] == np.log1p(3) and a["log_age_days"] == np.log1p(3650.0)  # no date: ten years
+    # Scaled within the candidates: b has the lowest ann score; its category is preferred and the current one's.
+    assert b["src_ann"] == 0.0 and b["src_trending"] == 0.0 and b["category_affinity"] == 0.25
+    assert b["preferred_category"] == 1.0 and b["same_category_as_current"] == 1.0 and a["same_category_as_current"] == 0.0
+    assert b["log_age_days"] > 8 and b["user_is_cold"] == a["user_is_cold"] == 1.0
 
 
 def test_heavy_ranker_learns_what_the_light_order_misses(tmp_path) -> None:
