@@ -187,7 +187,8 @@ def _latency(r: dict[str, Any]) -> list[str]:
     lines = [f"Saturated: {h.get('connections', '-')} connections on one worker (requests/s; latency there is "
              f"queueing). Unsaturated: {c} connection(s), where p99 targets are read."
              + (f" Cached req/s and ratio: the median of {rounds} rounds, each run right after a hello-world run "
-                "(the hello-world row is the first of those runs)." if rounds else ""), "",
+                "driven by the same wrk script (the hello-world row is a run of its own at the start)."
+                if rounds else ""), "",
              "| items | path | req/s | x hello-world req/s | p50 ms | p99 ms | p50 ms unsaturated "
              "| p99 ms unsaturated | non-2xx | served_from (sample) | API peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|",
