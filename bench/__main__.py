@@ -223,7 +223,9 @@ def _retrieval(r: dict[str, Any]) -> list[str]:
     if "index" not in r:  # older side runs have another shape
         return _generic(r)
     lines = [f"Vector index {r['index']['index_type']} {r['index']['params']}, ef_search {r['ef_search']}; "
-             f"quotas {r['quotas']}.", "",
+             f"quotas {r['quotas']}."
+             + (f" {' and '.join(r['shared_index_call'])} share one Milvus call per request: each of their rows "
+                "times that call." if r.get("shared_index_call") else ""), "",
              "| items | source | p50 ms | p99 ms |", "|---|---|---|---|"]
     for row in r["sizes"]:
         for source, f in row["per_source"].items():

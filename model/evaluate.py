@@ -127,8 +127,8 @@ def evaluate_candidates(model: TwoTowerModel, items: Sequence[ItemRecord], users
                 recent=[(i, "watch", 0.0) for i in past[: model.config.history_len]], consumed=set(past),
                 category_affinity=category_affinity(past, catalog), now=event.timestamp,
             )
-            request = generator.prepare(ctx)
-            per_source = {name: generator.sources[name](request, max(k, q)) for name, q in quotas.items()}
+            request = generator.prepare(ctx, {name: max(k, q) for name, q in quotas.items()})
+            per_source = {name: generator.sources[name](request, size) for name, size in request.quotas.items()}
             merged = merge({name: rows[: quotas[name]] for name, rows in per_source.items()}, k)
             sizes.append(len(merged))
             evaluated += 1

@@ -60,7 +60,7 @@ class Request:
     # Deadline of each index call (generate(): the source timeout, so a search that missed its
     # budget frees its thread instead of holding it for milvus.timeout_s); None: backend default.
     timeout_s: float | None = None
-    # Source -> k for this request (the shared search sizes itself from them).
+    # Source -> k for this request (ann's and item2item's shared call sizes itself from them).
     quotas: dict[str, int] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
@@ -95,14 +95,20 @@ class CandidateGenerator:
         }
 
     # -- request preparation ----------------------------------------------------
-    def prepare(self, ctx: UserContext) -> Request:
+    def prepare(self, ctx: UserContext, quotas: dict[str, int] | None = None) -> Request:
+        """One request's shared state; ``quotas`` (default: the configured ones) size each source.
+
+        Call a source as ``sources[name](request, request.quotas[name])``: ann and item2item
+        size their shared index call from ``request.quotas``.
+        """
         positives = [i for i, kind, _ in ctx.recent if kind not in NEGATIVE_TYPES]
         seeds = [ctx.current_item_id] if ctx.current_item_id else positives[: self.config.seed_items]
         exclude = frozenset(ctx.consumed) | frozenset(ctx.skipped) | frozenset(filter(None, [ctx.current_item_id]))
         model = self.model()
         vector = model.encode_user(ctx) if model is not None else None
         region = ctx.region if self.config.filter_by_region else None
-        return Request(ctx=ctx, user_vector=vector, seeds=seeds, exclude=exclude, region=region)
+        return Request(ctx=ctx, user_vector=vector, seeds=seeds, exclude=exclude, region=region,
+                       quotas=self._quotas(quotas))
 
     def _overfetch(self, request: Request, k: int) -> int:
         # Already-consumed items are filtered after the search; fetch enough to still fill k.
@@ -239,8 +245,7 @@ class CandidateGenerator:
     def generate_sync(self, ctx: UserContext, quotas: dict[str, int] | None = None,
                       max_candidates: int | None = None) -> list[Candidate]:
         """All sources one after another, no timeouts (precompute flow, offline evaluation)."""
-        request = self.prepare(ctx)
-        request.quotas = self._quotas(quotas)
+        request = self.prepare(ctx, quotas)
         results: dict[str, SourceResult] = {}
         for name, k in request.quotas.items():
             try:
@@ -262,9 +267,8 @@ class CandidateGenerator:
         loop = asyncio.get_running_loop()
         # Inline, not in the pool: the user tower takes well under a millisecond, and a pool
         # still busy with earlier timed-out searches must not delay the start of this request.
-        request = self.prepare(ctx)
+        request = self.prepare(ctx, quotas)
         request.timeout_s = self.config.source_timeout_s
-        request.quotas = self._quotas(quotas)
         futures = {
             name: asyncio.wait_for(
                 loop.run_in_executor(self.signals_executor if name in SIGNAL_SOURCES else self.executor,

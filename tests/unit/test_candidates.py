@@ -136,6 +136,18 @@ def test_ann_and_item2item_share_one_index_call_and_answer_as_alone() -> None:
         assert alone["ann"] and alone["item2item"]
 
 
+def test_a_source_called_on_a_prepared_request_answers_at_the_size_asked() -> None:
+    # Offline evaluation and the retrieval benchmark call sources one by one on prepare()'s request.
+    ctx = UserContext(user_id="u", recent=[("a", "click", 0.0), ("d", "click", 0.0)], consumed={"a", "d"})
+    gen = generator()
+    request = gen.prepare(ctx)
+    assert request.quotas == gen._quotas(None)
+    assert {i for i, _ in gen.sources["ann"](request, request.quotas["ann"])} == {"b", "c"}
+    assert {i for i, _ in gen.sources["item2item"](request, request.quotas["item2item"])} == {"b", "c"}
+    small = gen.prepare(ctx, {"ann": 1, "item2item": 2})
+    assert len(gen.sources["ann"](small, 1)) == 1 and len(gen.sources["item2item"](small, 2)) == 2
+
+
 class BrokenIndex:
     name = "broken"
 
