@@ -200,6 +200,11 @@ def _latency(r: dict[str, Any]) -> list[str]:
             lines.append(f"| {int(size):,} | {path} | {_f(p['rps'], 0)} | {_f(p.get('ratio_to_hello_world'), 3)} | "
                          f"{_f(p['p50_ms'], 2)} | {_f(p['p99_ms'], 2)} | {low(p, 'p50_ms')} | {low(p, 'p99_ms')} | "
                          f"{p['non2xx']} | {p.get('served_from_sample')} | {_f(p.get('api_peak_rss_mb'), 0)} |")
+    rounds_by_size = {size: row["cached"]["rounds"] for size, row in r["sizes"].items() if row["cached"].get("rounds")}
+    if rounds_by_size:
+        lines += ["", "Cached rounds, ratio to the hello-world run just before each (hello-world req/s): " + "; ".join(
+            f"{int(size):,} items " + ", ".join(f"{x['ratio_to_hello_world']:.2f} ({x['hello_world_rps']:,.0f})"
+                                                for x in rounds) for size, rounds in rounds_by_size.items()) + "."]
     mem = r.get("memory", {})
     if mem:
         lines.append("")
