@@ -139,10 +139,11 @@ class CandidateGenerator:
         return request.near_hits
 
     def _near(self, request: Request) -> tuple[SourceResult | None, list[SourceResult]]:
-        k_user = request.quotas.get("ann", 0) if request.user_vector is not None else 0
+        user_vector = request.user_vector
+        k_user = request.quotas.get("ann", 0) if user_vector is not None else 0
         k_seed = request.quotas.get("item2item", 0)
         seeds = list(self.seed_vectors(request).values()) if k_seed and request.seeds else []
-        queries = ([request.user_vector] if k_user else []) + seeds
+        queries = ([user_vector] if user_vector is not None and k_user else []) + seeds
         if not queries:
             return None, []
         limit = max(self._overfetch(request, k_user) if k_user else 0,
