@@ -183,7 +183,9 @@ def _latency(r: dict[str, Any]) -> list[str]:
         return _f((x.get("unsaturated") or {}).get(key), 2)
 
     c = (h.get("unsaturated") or {}).get("connections", "-")
-    rounds = next((len(row["cached"]["rounds"]) for row in r["sizes"].values() if "rounds" in row["cached"]), 0)
+    # The cached path's interleaved rounds per size (absent in older results).
+    rounds_by_size = {size: row["cached"]["rounds"] for size, row in r["sizes"].items() if row["cached"].get("rounds")}
+    rounds = len(next(iter(rounds_by_size.values()), []))
     lines = [f"Saturated: {h.get('connections', '-')} connections on one worker (requests/s; latency there is "
              f"queueing). Unsaturated: {c} connection(s), where p99 targets are read."
              + (f" Cached req/s and ratio: the median of {rounds} rounds, each run right after a hello-world run "
@@ -200,7 +202,6 @@ def _latency(r: dict[str, Any]) -> list[str]:
             lines.append(f"| {int(size):,} | {path} | {_f(p['rps'], 0)} | {_f(p.get('ratio_to_hello_world'), 3)} | "
                          f"{_f(p['p50_ms'], 2)} | {_f(p['p99_ms'], 2)} | {low(p, 'p50_ms')} | {low(p, 'p99_ms')} | "
                          f"{p['non2xx']} | {p.get('served_from_sample')} | {_f(p.get('api_peak_rss_mb'), 0)} |")
-    rounds_by_size = {size: row["cached"]["rounds"] for size, row in r["sizes"].items() if row["cached"].get("rounds")}
     if rounds_by_size:
         lines += ["", "Cached rounds, ratio to the hello-world run just before each (hello-world req/s): " + "; ".join(
             f"{int(size):,} items " + ", ".join(f"{x['ratio_to_hello_world']:.2f} ({x['hello_world_rps']:,.0f})"
