@@ -148,8 +148,8 @@ class CandidateGenerator:
             return None, []
         limit = max(self._overfetch(request, k_user) if k_user else 0,
                     self._overfetch(request, max(1, k_seed // len(seeds))) if seeds else 0)
-        hits = self.index.search_many(queries, limit, SearchFilter(region=request.region), request.timeout_s)
-        hits = [[(i, s) for i, s in rows if i not in request.exclude] for rows in hits]
+        hits = [self._filter(request, rows, limit)
+                for rows in self.index.search_many(queries, limit, SearchFilter(region=request.region), request.timeout_s)]
         return (hits[0] if k_user else None), hits[1 if k_user else 0:]
 
     def ann(self, request: Request, k: int) -> SourceResult:
