@@ -285,6 +285,10 @@ class RetrievalSettings(BaseModel):
     seed_vector_cache_s: float = 60.0
     # Categories (by affinity) the content source searches in.
     content_categories: int = 3
+    # content and fresh in one Milvus search (MilvusItemIndex.search_each): ~5 ms less Milvus CPU per
+    # live request where both fill from it; a source crowded out of it is searched again after it
+    # (exact, but one more call in a row). false: two searches side by side, as before.
+    share_filtered_search: bool = True
     # Filter ANN by the user's region (items with no regions are shown everywhere).
     filter_by_region: bool = True
 

@@ -30,6 +30,11 @@ class ItemIndex(Protocol):
     def search_many(self, vectors: Sequence[np.ndarray], k: int, flt: SearchFilter | None = None,
                     timeout_s: float | None = None) -> list[list[tuple[str, float]]]: ...
 
+    def search_each(self, vector: np.ndarray, wants: Sequence[tuple[SearchFilter, int]],
+                    timeout_s: float | None = None) -> list[list[tuple[str, float]]]:
+        """One vector, several (filter, k): each answer as ``search(vector, k, filter)`` gives it."""
+        ...
+
     def vectors(self, item_ids: Sequence[str], timeout_s: float | None = None) -> dict[str, np.ndarray]: ...
 
 
@@ -90,6 +95,10 @@ class MemoryItemIndex:
     def search_many(self, vectors: Sequence[np.ndarray], k: int, flt: SearchFilter | None = None,
                     timeout_s: float | None = None) -> list[list[tuple[str, float]]]:
         return [self.search(v, k, flt, timeout_s) for v in vectors]
+
+    def search_each(self, vector: np.ndarray, wants: Sequence[tuple[SearchFilter, int]],
+                    timeout_s: float | None = None) -> list[list[tuple[str, float]]]:
+        return [self.search(vector, k, flt, timeout_s) for flt, k in wants]
 
     def vectors(self, item_ids: Sequence[str], timeout_s: float | None = None) -> dict[str, np.ndarray]:
         return {i: self.matrix[self.position[i]] for i in item_ids if i in self.position}

@@ -11,6 +11,9 @@ in merge order, each with its quota from ``settings.retrieval.quotas``:
 - ``trending_region`` / ``trending``: popularity in the user's region and globally;
 - ``fresh``: recently published or cold-start items near the user's vector (exploration).
 
+Index calls: ``ann`` and ``item2item`` share one (``near``), ``content`` and
+``fresh`` another (``filtered``); the embedded Milvus charges mostly per call.
+
 A user with no history still gets the profile-only vector (region, language,
 age, device), trending, regional trending and fresh items. Every source
 degrades on its own: an error or a timeout (Milvus down, Redis slow) is
@@ -64,10 +67,31 @@ class Request:
     quotas: dict[str, int] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
-    # ann's and item2item's hits, from one index call (CandidateGenerator.near): made by whichever
-    # of the two asks first, in its thread; the other waits on the lock and reads them.
-    near_lock: threading.Lock = field(default_factory=threading.Lock)
-    near_hits: tuple[SourceResult | None, list[SourceResult]] | BaseException | None = None
+    # Index calls two sources share (CandidateGenerator.near: ann and item2item; .filtered:
+    # content and fresh): made by whichever of the two asks first, in its thread.
+    near: Once = field(default_factory=lambda: Once())
+    filtered: Once = field(default_factory=lambda: Once())
+
+
+class Once:
+    """A value computed once, by the first thread that asks; the others wait for it (or its exception)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = False
+        self._value: Any = None
+
+    def get(self, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if not self._done:
+                try:
+                    self._value = compute()
+                except BaseException as exc:  # every asker fails with it
+                    self._value = exc
+                self._done = True
+        if isinstance(self._value, BaseException):
+            raise self._value
+        return self._value
 
 
 class CandidateGenerator:
@@ -114,10 +138,6 @@ class CandidateGenerator:
         # Already-consumed items are filtered after the search; fetch enough to still fill k.
         return k + min(len(request.exclude), 2 * k)
 
-    def _search(self, request: Request, vector: np.ndarray, k: int, flt: SearchFilter) -> SourceResult:
-        hits = self.index.search(vector, self._overfetch(request, k), flt, request.timeout_s)
-        return [(i, s) for i, s in hits if i not in request.exclude][:k]
-
     # -- sources ------------------------------------------------------------------
     def near(self, request: Request) -> tuple[SourceResult | None, list[SourceResult]]:
         """ANN around the user vector (for ``ann``) and around each seed (for ``item2item``), in ONE index call.
@@ -128,15 +148,7 @@ class CandidateGenerator:
         for all four together. Each query asks for the larger of the two sources' sizes.
         Returns (the user vector's hits or None, one hit list per seed vector).
         """
-        with request.near_lock:
-            if request.near_hits is None:
-                try:
-                    request.near_hits = self._near(request)
-                except BaseException as exc:  # both sources fail with it
-                    request.near_hits = exc
-        if isinstance(request.near_hits, BaseException):
-            raise request.near_hits
-        return request.near_hits
+        return request.near.get(lambda: self._near(request))  # type: ignore[no-any-return]
 
     def _near(self, request: Request) -> tuple[SourceResult | None, list[SourceResult]]:
         user_vector = request.user_vector
@@ -201,16 +213,38 @@ class CandidateGenerator:
                     merged[item_id] = merged.get(item_id, 0.0) + weight / (rank + 1)
         return sorted(merged.items(), key=lambda kv: -kv[1])[:k]
 
+    def filtered(self, request: Request) -> dict[str, SourceResult]:
+        """``content`` and ``fresh`` in ONE index call (MilvusItemIndex.search_each): both rank by the
+        user vector under the region, one within the user's top categories, one among fresh items."""
+        return request.filtered.get(lambda: self._filtered(request))  # type: ignore[no-any-return]
+
+    def _filtered_source(self, request: Request, name: str) -> SourceResult:
+        if self.config.share_filtered_search:
+            return self.filtered(request).get(name, [])
+        return self._filtered(request, (name,)).get(name, [])
+
+    def _filtered(self, request: Request, names: tuple[str, ...] = ("content", "fresh")) -> dict[str, SourceResult]:
+        if request.user_vector is None:
+            return {}
+        wants: dict[str, tuple[SearchFilter, int]] = {}
+        categories = self._content_categories(request.ctx) if "content" in names else ()
+        if categories and (k := request.quotas.get("content", 0)):
+            wants["content"] = (SearchFilter(categories=categories, region=request.region), k)
+        if "fresh" in names and (k := request.quotas.get("fresh", 0)):
+            # On the hour: the same filter all hour long (the index remembers how many items pass it).
+            since = int(request.ctx.now.timestamp() - self.config.fresh_days * 86400) // 3600 * 3600
+            wants["fresh"] = (SearchFilter(region=request.region, fresh_since=since), k)
+        found = self.index.search_each(request.user_vector, [(flt, self._overfetch(request, k))
+                                                             for flt, k in wants.values()], request.timeout_s)
+        return {name: self._filter(request, rows, k) for (name, (_, k)), rows in zip(wants.items(), found, strict=True)}
+
+    def _content_categories(self, ctx: UserContext) -> tuple[str, ...]:
+        """The user's top categories by affinity (by stated preference where they have none yet)."""
+        top = sorted(ctx.category_affinity.items(), key=lambda kv: -kv[1])[: self.config.content_categories]
+        return tuple(c for c, _ in top) or tuple(ctx.preferred_categories[: self.config.content_categories])
+
     def content(self, request: Request, k: int) -> SourceResult:
-        ctx = request.ctx
-        affinity = dict(sorted(ctx.category_affinity.items(), key=lambda kv: -kv[1])[: self.config.content_categories])
-        if not affinity:
-            affinity = {c: 1.0 for c in ctx.preferred_categories[: self.config.content_categories]}
-        if not affinity or request.user_vector is None:
-            return []
-        # One filtered search over the top categories (one round trip), ranked by the user vector.
-        return self._search(request, request.user_vector, k,
-                            SearchFilter(categories=tuple(affinity), region=request.region))
+        return self._filtered_source(request, "content")[:k]
 
     def trending_region(self, request: Request, k: int) -> SourceResult:
         if not request.ctx.region:
@@ -221,11 +255,7 @@ class CandidateGenerator:
         return self._filter(request, self.signals.trending(None, k + len(request.exclude)), k)
 
     def fresh(self, request: Request, k: int) -> SourceResult:
-        vector = request.user_vector
-        if vector is None:
-            return []
-        since = int(request.ctx.now.timestamp() - self.config.fresh_days * 86400)
-        return self._search(request, vector, k, SearchFilter(region=request.region, fresh_since=since))
+        return self._filtered_source(request, "fresh")[:k]
 
     @staticmethod
     def _filter(request: Request, rows: SourceResult, k: int) -> SourceResult:

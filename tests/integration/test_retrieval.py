@@ -285,19 +285,16 @@ def test_catalog_flow_dead_letters_bad_records_and_keeps_going(settings: Setting
     assert "status" in letters[1].reason  # the bad field is named
 
 
-def test_lean_search_answers_as_the_public_pymilvus_call(rsettings: Settings) -> None:
-    """MilvusItemIndex reads replies straight from the protobuf: the same ids, scores and order as
-    MilvusClient.search, for one and several query vectors, with and without filters; errors still raise."""
-    from infra import milvus
+def small_catalogue(rsettings: Settings, n: int = 2000, dim: int = 16) -> np.ndarray:
+    """Items i0..i<n-1> behind the test's serving alias: Drama/Comedy alternating, a third shown
+    everywhere and the rest in "us" or "fr", published_at = k, every fifth cold. Returns the vectors."""
     from infra.milvus import create_item_collection, rows_from_columns, swap_alias
 
-    assert milvus._LEAN_SEARCH, "pymilvus lacks what the lean search reads: the serving path uses the slow call"
     rng = np.random.default_rng(3)
-    n, dim = 2000, 16
     vectors = rng.normal(size=(n, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     client = connect(rsettings)
-    name = f"{rsettings.retrieval.collection_prefix}_lean"
+    name = f"{rsettings.retrieval.collection_prefix}_small"
     create_item_collection(client, name, dim, rsettings)
     client.insert(name, rows_from_columns(
         [f"i{k}" for k in range(n)], vectors, category=[("Drama", "Comedy")[k % 2] for k in range(n)],
@@ -306,6 +303,18 @@ def test_lean_search_answers_as_the_public_pymilvus_call(rsettings: Settings) ->
         cold=[k % 5 == 0 for k in range(n)]))
     client.flush(name)
     swap_alias(client, rsettings.retrieval.serving_alias, name)
+    client.close()
+    return vectors
+
+
+def test_lean_search_answers_as_the_public_pymilvus_call(rsettings: Settings) -> None:
+    """MilvusItemIndex reads replies straight from the protobuf: the same ids, scores and order as
+    MilvusClient.search, for one and several query vectors, with and without filters; errors still raise."""
+    from infra import milvus
+
+    assert milvus._LEAN_SEARCH, "pymilvus lacks what the lean search reads: the serving path uses the slow call"
+    vectors = small_catalogue(rsettings)
+    client = connect(rsettings)
     index = MilvusItemIndex(rsettings)
     params = {"metric_type": "IP", "params": {"ef": 200}}
     queries = [v.tolist() for v in vectors[:3]]
@@ -315,9 +324,16 @@ def test_lean_search_answers_as_the_public_pymilvus_call(rsettings: Settings) ->
             lean = index._search_lean(data, 150, flt.expression(), params, 5.0)
             public = index._search_public(data, 150, flt.expression(), params, 5.0)
             assert len(lean) == len(public) == len(data)
-            for (lean_ids, lean_scores), (ids, scores) in zip(lean, public, strict=True):
+            for (lean_ids, lean_scores, _), (ids, scores, _) in zip(lean, public, strict=True):
                 assert len(ids) > 0 and list(lean_ids) == list(ids)
                 assert list(lean_scores) == list(scores)
+    fields = ["category", "cold", "published_at"]
+    lean = index._search_lean(queries, 50, "", params, 5.0, fields)
+    public = index._search_public(queries, 50, "", params, 5.0, fields)
+    for (ids, _, columns), (public_ids, _, public_columns) in zip(lean, public, strict=True):
+        assert list(ids) == list(public_ids) and set(columns) == set(fields)
+        assert {name: list(c) for name, c in columns.items()} == public_columns
+        assert all(c == ("Drama", "Comedy")[int(i[1:]) % 2] for i, c in zip(ids, columns["category"], strict=True))
     # What the sources receive: filtered, exclusions dropped, cut at k.
     hits = index.search_many([vectors[0], vectors[1]], 20, SearchFilter(region="fr", exclude=frozenset({"i0"})))
     assert [len(h) for h in hits] == [20, 20] and "i0" not in {i for i, _ in hits[0]}
@@ -326,3 +342,36 @@ def test_lean_search_answers_as_the_public_pymilvus_call(rsettings: Settings) ->
     with pytest.raises(Exception, match="(?i)collection"):
         missing.search(vectors[0], 5)
     client.close()
+
+
+class SearchCountingIndex(MilvusItemIndex):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.searches = 0
+
+    def search(self, *args, **kwargs):
+        self.searches += 1
+        return super().search(*args, **kwargs)
+
+
+def test_search_each_answers_as_a_search_per_filter(rsettings: Settings) -> None:
+    """content and fresh share one Milvus call: each filter's answer is the one its own search gives,
+    also where the other filter's hits crowd it out of the shared search (it is searched again)."""
+    vectors = small_catalogue(rsettings)
+    index = SearchCountingIndex(rsettings)
+    comedy = SearchFilter(categories=("Comedy",), region="fr")
+    fresh, rare = SearchFilter(region="fr", fresh_since=1500), SearchFilter(region="fr", fresh_since=1990)
+    for query in vectors[:5]:
+        for wants, searches in (([(comedy, 30), (fresh, 20)], 0),  # both fill from the shared search
+                                ([(comedy, 10), (rare, 250)], 1)):  # rare crowded out: searched alone
+            index.searches = 0
+            each = index.search_each(query, wants)
+            assert index.searches == searches
+            alone = [MilvusItemIndex.search(index, query, k, flt) for flt, k in wants]
+            for got, expected, (_, k) in zip(each, alone, wants, strict=True):
+                assert len(got) == k and [i for i, _ in got] == [i for i, _ in expected]
+                assert np.allclose([s for _, s in got], [s for _, s in expected])
+    # Different regions: a search per filter.
+    index.searches = 0
+    index.search_each(vectors[0], [(comedy, 5), (SearchFilter(region="us", fresh_since=1500), 5)])
+    assert index.searches == 2

@@ -136,6 +136,65 @@ def test_ann_and_item2item_share_one_index_call_and_answer_as_alone() -> None:
         assert alone["ann"] and alone["item2item"]
 
 
+def test_either_expression_checks_the_shared_region_once() -> None:
+    content = SearchFilter(categories=("Drama",), region="fr")
+    fresh = SearchFilter(region="fr", fresh_since=5)
+    assert SearchFilter.either([content, fresh]) == (
+        '(array_length(regions) == 0 or array_contains(regions, "fr")) and '
+        '((category in ["Drama"]) or ((published_at >= 5 or cold == true)))')
+    assert SearchFilter.either([SearchFilter(categories=("Drama",)), SearchFilter(fresh_since=5)]) == (
+        '(category in ["Drama"]) or ((published_at >= 5 or cold == true))')
+    assert SearchFilter.either([content, SearchFilter(region="fr")]) == SearchFilter(region="fr").expression()
+    assert SearchFilter.either([content, SearchFilter(region="us", fresh_since=5)]) is None  # searched one by one
+
+
+def test_filter_matches_a_hit_as_its_expression_would() -> None:
+    content, fresh = SearchFilter(categories=("Drama", "War")), SearchFilter(fresh_since=100)
+    assert content.fields() == ("category",) and fresh.fields() == ("published_at", "cold")
+    assert content.matches({"category": "War"}) and not content.matches({"category": "Comedy"})
+    assert SearchFilter(category="War").matches({"category": "War"})
+    assert not SearchFilter(category="War").matches({"category": "Drama"})
+    assert fresh.matches({"published_at": 100, "cold": False}) and fresh.matches({"published_at": 0, "cold": True})
+    assert not fresh.matches({"published_at": 99, "cold": False})
+    assert SearchFilter().matches({})
+
+
+class EachCountingIndex(MemoryItemIndex):
+    def __init__(self) -> None:
+        items, vectors = catalog()
+        super().__init__(items, vectors, cold=[False, False, False, True, False])
+        self.calls: list[int] = []  # filters per search_each call
+
+    def search_each(self, vector, wants, timeout_s=None):
+        self.calls.append(len(wants))
+        return super().search_each(vector, wants, timeout_s)
+
+
+def test_content_and_fresh_share_one_index_call_and_answer_as_alone() -> None:
+    ctx = UserContext(user_id="u", region="fr", recent=[("a", "click", 0.0)], consumed={"a"},
+                      category_affinity={"Comedy": 2.0}, now=datetime(2024, 7, 1, tzinfo=UTC))
+    both = {"content": 3, "fresh": 2}
+    for run in ("sync", "async"):
+        index = EachCountingIndex()
+        candidates = (generator(index=index).generate_sync(ctx, quotas=both) if run == "sync"
+                      else asyncio.run(generator(index=index).generate(ctx, quotas=both)))
+        assert index.calls == [2]
+        alone = {name: {c.item_id: c.sources[name] for c in generator(index=EachCountingIndex()).generate_sync(
+            ctx, quotas={name: k})} for name, k in both.items()}
+        for name, expected in alone.items():
+            assert {c.item_id: c.sources[name] for c in candidates if name in c.sources} == expected
+        assert {name: set(hits) for name, hits in alone.items()} == {"content": {"d"}, "fresh": {"b", "d"}}
+    # No categories to search in: fresh alone.
+    index = EachCountingIndex()
+    generator(index=index).generate_sync(UserContext(user_id="new", now=ctx.now), quotas=both)
+    assert index.calls == [1]
+    # Sharing switched off: a search each, the same answers.
+    index = EachCountingIndex()
+    apart = generator(RetrievalSettings(share_filtered_search=False), index=index).generate_sync(ctx, quotas=both)
+    assert index.calls == [1, 1]
+    assert {c.item_id: set(c.sources) for c in apart} == {c.item_id: set(c.sources) for c in candidates}
+
+
 def test_a_source_called_on_a_prepared_request_answers_at_the_size_asked() -> None:
     # Offline evaluation and the retrieval benchmark call sources one by one on prepare()'s request.
     ctx = UserContext(user_id="u", recent=[("a", "click", 0.0), ("d", "click", 0.0)], consumed={"a", "d"})

@@ -1,0 +1,83 @@
+"""MilvusItemIndex.search_each's bookkeeping: which filters are searched again after the shared search.
+
+The shared search and the per-filter searches are canned here (the logic between them is pure);
+tests/integration/test_retrieval.py runs the same method on the real Milvus.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import infra.milvus
+from infra.milvus import MilvusItemIndex, SearchFilter
+from serving.config import Settings
+
+WIDE = SearchFilter(categories=("Drama",), region="fr")
+NARROW = SearchFilter(region="fr", fresh_since=100)
+
+
+class CannedIndex(MilvusItemIndex):
+    """The shared search answers ``shared`` (item, category, published_at); a filter's own search
+    answers every item of ``catalogue`` it passes."""
+
+    def __init__(self, catalogue: list[tuple[str, str, int]]) -> None:
+        super().__init__(Settings())
+        self.catalogue = catalogue
+        self.own_searches: list[str] = []
+
+    def _call(self, vectors, limit, expr, timeout_s, output_fields=()):
+        rows = [r for r in self.catalogue if WIDE.matches(self._row(r)) or NARROW.matches(self._row(r))]
+        rows = rows[:limit]
+        columns = {"category": [r[1] for r in rows], "published_at": [r[2] for r in rows],
+                   "cold": [False] * len(rows)}
+        return [([r[0] for r in rows], [1.0 - n / 1000 for n in range(len(rows))], columns)]
+
+    def search(self, vector, k, flt=None, timeout_s=None):
+        self.own_searches.append(flt.expression())
+        rows = [r for r in self.catalogue if flt.matches(self._row(r))][:k]
+        return [(r[0], 1.0) for r in rows]
+
+    @staticmethod
+    def _row(r: tuple[str, str, int]) -> dict:
+        return {"category": r[1], "published_at": r[2], "cold": False}
+
+
+def catalogue(dramas: int, fresh: int) -> list[tuple[str, str, int]]:
+    """Dramas (old) first, then fresh comedies: the shared search meets the dramas first."""
+    return [(f"d{n}", "Drama", 0) for n in range(dramas)] + [(f"f{n}", "Comedy", 500) for n in range(fresh)]
+
+
+def test_a_filter_crowded_out_of_a_full_shared_answer_is_searched_on_its_own() -> None:
+    index = CannedIndex(catalogue(dramas=100, fresh=50))
+    wide, narrow = index.search_each(np.zeros(4), [(WIDE, 20), (NARROW, 20)])  # shared limit 80: 80 dramas
+    assert len(wide) == 20 and [i for i, _ in narrow] == [f"f{n}" for n in range(20)]
+    assert index.own_searches == [NARROW.expression()]
+
+
+def test_a_shared_answer_that_was_not_full_holds_everything() -> None:
+    index = CannedIndex(catalogue(dramas=30, fresh=5))
+    wide, narrow = index.search_each(np.zeros(4), [(WIDE, 20), (NARROW, 20)])
+    assert (len(wide), len(narrow)) == (20, 5) and index.own_searches == []
+
+
+def test_a_filter_counted_small_is_not_searched_again_while_the_count_is_recent(monkeypatch) -> None:
+    dramas_first = catalogue(dramas=85, fresh=10)
+    index = CannedIndex(dramas_first)
+    wants = [(WIDE, 20), (NARROW, 25)]  # shared limit 90: 85 dramas, then 5 of the 10 fresh items
+    _, narrow = index.search_each(np.zeros(4), wants)
+    assert len(narrow) == 10 and len(index.own_searches) == 1  # its own search: only 10 pass it
+    index.search_each(np.zeros(4), wants)
+    assert len(index.own_searches) == 2  # 5 found of the 10 counted: searched again
+    index.catalogue = dramas_first[85:] + dramas_first[:85]  # the shared answer now holds all 10
+    _, narrow = index.search_each(np.zeros(4), wants)
+    assert len(narrow) == 10 and len(index.own_searches) == 2  # all 10 counted found: taken as whole
+    monkeypatch.setattr(infra.milvus.time, "monotonic", lambda: 1e12)  # the count is stale
+    index.search_each(np.zeros(4), wants)
+    assert len(index.own_searches) == 3
+
+
+def test_filters_over_different_regions_are_searched_one_by_one() -> None:
+    other = SearchFilter(region="us", fresh_since=100)
+    index = CannedIndex(catalogue(dramas=10, fresh=10))
+    index.search_each(np.zeros(4), [(WIDE, 5), (other, 5)])
+    assert index.own_searches == [WIDE.expression(), other.expression()]
