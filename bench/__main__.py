@@ -206,6 +206,13 @@ def _latency(r: dict[str, Any]) -> list[str]:
         lines += ["", "Cached rounds, ratio to the hello-world run just before each (hello-world req/s): " + "; ".join(
             f"{int(size):,} items " + ", ".join(f"{x['ratio_to_hello_world']:.2f} ({x['hello_world_rps']:,.0f})"
                                                 for x in rounds) for size, rounds in rounds_by_size.items()) + "."]
+        cpu = {size: rounds for size, rounds in rounds_by_size.items() if "cpu_ratio_to_hello_world" in rounds[0]}
+        if cpu:
+            lines += ["", "The same rounds by each server's own CPU per request (hello-world / cached: the req/s "
+                      "ratio each would reach on a core of its own; cores each server got in brackets): " + "; ".join(
+                          f"{int(size):,} items " + ", ".join(
+                              f"{x['cpu_ratio_to_hello_world']:.2f} ({x['hello_world_cores']:.2f} / "
+                              f"{x['server_cores']:.2f})" for x in rounds) for size, rounds in cpu.items()) + "."]
     mem = r.get("memory", {})
     if mem:
         lines.append("")

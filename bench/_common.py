@@ -63,10 +63,13 @@ def require_wrk() -> str:
 
 def wrk(url: str, *, seconds: int = 10, connections: int = 32, threads: int = 1, method: str = "GET",
         body: bytes | None = None, headers: dict[str, str] | None = None,
-        paths: list[str] | None = None) -> dict[str, Any]:
+        paths: list[str] | None = None, server_pid: int | None = None) -> dict[str, Any]:
     """Run wrk against url; returns requests/s, percentiles in ms, non-2xx and socket errors.
 
     ``paths``: request these in turn (round robin per wrk thread) instead of url's own path.
+    ``server_pid``: also the CPU that process used during the run, per request
+    (``server_cpu_ms_per_request``) and in cores (``server_cores``; below 1 for a one-worker
+    server that was saturated means it waited, e.g. for CPU other processes held).
     """
     headers = {**(headers or {})}
     script = [f'wrk.method = "{method}"']
@@ -84,6 +87,7 @@ def wrk(url: str, *, seconds: int = 10, connections: int = 32, threads: int = 1,
             script.append(f'local f = io.open("{body_path}", "rb"); wrk.body = f:read("*all"); f:close()')
         lua = Path(tmp) / "bench.lua"
         lua.write_text("\n".join(script) + "\n" + _DONE_LUA)
+        cpu_before = cpu_seconds(server_pid) if server_pid else None
         out = subprocess.run(
             [require_wrk(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(lua), url],
             capture_output=True, text=True, check=True,
@@ -91,13 +95,25 @@ def wrk(url: str, *, seconds: int = 10, connections: int = 32, threads: int = 1,
     line = next(row for row in out.splitlines() if row.startswith("WRKJSON "))
     raw = json.loads(line.removeprefix("WRKJSON "))
     secs = raw["duration_us"] / 1e6
+    cpu = {}
+    if server_pid and cpu_before is not None:
+        used = cpu_seconds(server_pid) - cpu_before
+        cpu = {"server_cpu_ms_per_request": round(used * 1000 / max(raw["requests"], 1), 4),
+               "server_cores": round(used / secs, 3)}
     return {
+        **cpu,
         "requests": raw["requests"],
         "rps": round(raw["requests"] / secs, 1),
         "p50_ms": raw["p50_us"] / 1000, "p90_ms": raw["p90_us"] / 1000, "p99_ms": raw["p99_us"] / 1000,
         "p999_ms": raw["p999_us"] / 1000, "max_ms": raw["max_us"] / 1000,
         "non2xx": raw["non2xx"], "socket_errors": raw["errors"], "connections": connections, "seconds": seconds,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

@@ -43,7 +43,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -144,6 +144,13 @@ def drop_all() -> None:
 
 
 # -- measuring -----------------------------------------------------------------------------------
+class Server(NamedTuple):
+    """A server under test: where wrk sends requests, and its process (for its CPU)."""
+
+    url: str
+    pid: int
+
+
 def peak_rss_mb(pid: int) -> float | None:
     """Peak resident memory (VmHWM) of a process in MiB."""
     try:
@@ -193,21 +200,29 @@ def hello_paths(paths: list[str]) -> list[str]:
     return ["/hello" + p[p.index("?"):] for p in paths]
 
 
-def interleaved(hello_url: str, base: str, paths: list[str], headers: dict[str, str], seconds: int,
+def interleaved(hello: Server, api: Server, paths: list[str], headers: dict[str, str], seconds: int,
                 connections: int, rounds: int) -> dict[str, Any]:
     """Saturated runs of the path, each right after one of the hello-world: the ratio is the median of the rounds'.
 
     A ratio of two runs minutes apart measured the machine's drift as much as the service; taken
-    round by round, the hello-world shares each path run's background.
+    round by round, the hello-world shares each path run's background. Each round also gives
+    the ratio of the two servers' own CPU per request (``cpu_ratio_to_hello_world``): what the
+    requests/s ratio would be if each had a core to itself, which on 2 cores shared with wrk,
+    Redis, the broker and Milvus neither has.
     """
     runs = []
     for _ in range(rounds):
-        hello = wrk(hello_url, seconds=seconds, connections=connections, paths=hello_paths(paths))
-        run = wrk(base, seconds=seconds, connections=connections, headers=headers, paths=paths)
-        runs.append({**run, "hello_world_rps": hello["rps"], "ratio_to_hello_world": round(run["rps"] / hello["rps"], 3)})
+        h = wrk(hello.url, seconds=seconds, connections=connections, paths=hello_paths(paths), server_pid=hello.pid)
+        run = wrk(api.url, seconds=seconds, connections=connections, headers=headers, paths=paths, server_pid=api.pid)
+        runs.append({**run, "hello_world_rps": h["rps"], "ratio_to_hello_world": round(run["rps"] / h["rps"], 3),
+                     "hello_world_cpu_ms_per_request": h["server_cpu_ms_per_request"],
+                     "hello_world_cores": h["server_cores"],
+                     "cpu_ratio_to_hello_world": round(h["server_cpu_ms_per_request"]
+                                                       / run["server_cpu_ms_per_request"], 3)})
     median = sorted(runs, key=lambda r: r["ratio_to_hello_world"])[len(runs) // 2]
-    return {**median, "rounds": [{k: r[k] for k in ("rps", "hello_world_rps", "ratio_to_hello_world", "p50_ms",
-                                                    "p99_ms")} for r in runs]}
+    keep = ("rps", "hello_world_rps", "ratio_to_hello_world", "p50_ms", "p99_ms", "server_cpu_ms_per_request",
+            "hello_world_cpu_ms_per_request", "server_cores", "hello_world_cores", "cpu_ratio_to_hello_world")
+    return {**median, "rounds": [{k: r[k] for k in keep} for r in runs]}
 
 
 def user_paths() -> list[str]:
@@ -215,7 +230,7 @@ def user_paths() -> list[str]:
     return [f"/recommendations?user_id=synu{u}&surface=homepage&limit=10" for u in range(USERS)]
 
 
-def measure_size(size: int, hello_url: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure_size(size: int, hello: Server, args: argparse.Namespace) -> dict[str, Any]:
     from bench.synthetic import ensure_synthetic_catalog
     from infra.apikeys import create_key
     from infra.kafka import ensure_topics
@@ -256,15 +271,15 @@ def measure_size(size: int, hello_url: str, args: argparse.Namespace) -> dict[st
             # budget are still queued in Milvus and the thread pool, and the first seconds of a run
             # after it measured that backlog, not a worker with one request in flight.
             unsaturated = wrk(base, seconds=args.latency_seconds, connections=args.latency_connections,
-                              headers=headers, paths=paths)
+                              headers=headers, paths=paths, server_pid=process.pid)
             unsaturated["served_from_sample"] = dict(Counter(asyncio.run(
                 sample_paths(base, paths[:100], headers, concurrency=args.latency_connections)).values()))
             if path_name == "cached":
-                result.update(interleaved(hello_url, base, paths, headers, args.seconds, args.cached_connections,
-                                          args.rounds))
+                result.update(interleaved(hello, Server(base, process.pid), paths, headers, args.seconds,
+                                          args.cached_connections, args.rounds))
             else:
                 result.update(wrk(base, seconds=args.seconds, connections=args.live_connections, headers=headers,
-                                  paths=paths))
+                                  paths=paths, server_pid=process.pid))
             result["unsaturated"] = unsaturated
             result["served_from_sample"] = dict(Counter(asyncio.run(sample_paths(base, paths[:100], headers)).values()))
             result["api_peak_rss_mb"] = peak_rss_mb(process.pid)
@@ -299,17 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     port = free_port()
     # The hello-world stays up for the whole run: the cached path's rounds are interleaved with it.
-    with uvicorn_server("bench.hello:create_app", port) as hello:
-        hello_url = f"http://127.0.0.1:{port}/hello"
+    with uvicorn_server("bench.hello:create_app", port) as process:
+        hello = Server(f"http://127.0.0.1:{port}/hello", process.pid)
         rotating = hello_paths(user_paths())
-        results["hello_world"] = wrk(hello_url, seconds=args.seconds, connections=args.cached_connections,
-                                     paths=rotating)
-        results["hello_world"]["unsaturated"] = wrk(hello_url, seconds=args.latency_seconds,
-                                                    connections=args.latency_connections, paths=rotating)
+        results["hello_world"] = wrk(hello.url, seconds=args.seconds, connections=args.cached_connections,
+                                     paths=rotating, server_pid=hello.pid)
+        results["hello_world"]["unsaturated"] = wrk(hello.url, seconds=args.latency_seconds,
+                                                    connections=args.latency_connections, paths=rotating,
+                                                    server_pid=hello.pid)
         results["sizes"] = {}
         for size in sizes:
             print(f"-- {size:,} items")
-            results["sizes"][str(size)] = measure_size(size, hello_url, args)
+            results["sizes"][str(size)] = measure_size(size, hello, args)
         results["hello_world"]["peak_rss_mb"] = peak_rss_mb(hello.pid)
     hello_rps = results["hello_world"]["rps"]
     for row in results["sizes"].values():
