@@ -57,6 +57,7 @@ WHAT = {
     "freshness": "event -> feature visible, event -> cached list changed",
     "retrieval": "ANN recall and latency",
     "latency": "GET /recommendations, cached and live paths, one uvicorn worker vs hello-world",
+    "ab": "GET /recommendations on two revisions side by side, runs alternating (python -m bench.ab)",
     # Written by the chaos tests (make test), not by python -m bench; the summary lists it.
     "reliability": "Redis, broker and Milvus killed while serving and ingesting: what clients saw, events lost",
 }

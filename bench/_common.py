@@ -117,13 +117,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def uvicorn_server(app: str, port: int, env: dict[str, str] | None = None, factory: bool = True):
-    """One uvicorn worker (uvloop, no access log) on 127.0.0.1:port for the duration of the block."""
+def uvicorn_server(app: str, port: int, env: dict[str, str] | None = None, factory: bool = True,
+                   cwd: str | Path | None = None):
+    """One uvicorn worker (uvloop, no access log) on 127.0.0.1:port for the duration of the block
+    (``cwd``: the checkout whose code it runs; default this one)."""
     argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
             "--no-access-log", "--loop", "uvloop", "--log-level", "warning"]
     if factory:
         argv.append("--factory")
-    process = subprocess.Popen(argv, env={**os.environ, **(env or {})})
+    process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, cwd=cwd)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

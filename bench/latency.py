@@ -230,43 +230,55 @@ def user_paths() -> list[str]:
     return [f"/recommendations?user_id=synu{u}&surface=homepage&limit=10" for u in range(USERS)]
 
 
-def measure_size(size: int, hello: Server, args: argparse.Namespace) -> dict[str, Any]:
+LIVE_ENV = {"RECSYS_RECOMMEND__FALLBACKS": '["live","popular"]'}  # the live path on every request
+
+
+def prepare_size(size: int) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """Catalogue, users, model and an API key for one size: (its build figures, request headers, API env)."""
     from bench.synthetic import ensure_synthetic_catalog
     from infra.apikeys import create_key
     from infra.kafka import ensure_topics
     from infra.stack import settings_env
-    from tests.conftest import free_port
 
     s = bench_settings(size)
     ensure_topics(s)
     catalog = ensure_synthetic_catalog(s, size, seed=SEED)
     write_users(s)
     ensure_model(s)
-    setup = {"collection": catalog.collection, **catalog.build}
     key, _ = create_key(s, name=f"bench-latency-{size}", scopes=["recs:read"], rate_per_s=1e6, burst=10**7)
-    headers = {"X-API-Key": key}
-    paths = user_paths()
     env = {**settings_env(s), "RECSYS_RETRIEVAL__SERVING_ALIAS": s.retrieval.serving_alias,
            "RECSYS_RETRIEVAL__COLLECTION_PREFIX": s.retrieval.collection_prefix,
            "RECSYS_OBSERVABILITY__LOG_LEVEL": "CRITICAL"}
+    return {"collection": catalog.collection, **catalog.build}, {"X-API-Key": key}, env
+
+
+def warm(base: str, paths: list[str], headers: dict[str, str], cached: bool) -> dict[str, Any]:
+    """Connections and model loaded; for the cached path, every user's list in the cache."""
+    if not cached:
+        asyncio.run(sample_paths(base, paths[:20], headers, concurrency=1))
+        return {}
+    # A list is cached only when the live path made it (a fallback answer is not):
+    # ask, one at a time, until every user's list is in the cache.
+    pending, passes = list(paths), 0
+    while pending and passes < 6:
+        asyncio.run(sample_paths(base, pending, headers, concurrency=1))
+        time.sleep(0.3)  # the live path writes the cache in the background
+        served = asyncio.run(sample_paths(base, pending, headers, concurrency=1))
+        pending, passes = [p for p in pending if served[p] != "cache"], passes + 1
+    return {"warmup_passes": passes, "uncached_users": len(pending)}
+
+
+def measure_size(size: int, hello: Server, args: argparse.Namespace) -> dict[str, Any]:
+    from tests.conftest import free_port
+
+    setup, headers, env = prepare_size(size)
+    paths = user_paths()
     out: dict[str, Any] = {"items": size, **setup}
-    for path_name, extra in (("live", {"RECSYS_RECOMMEND__FALLBACKS": '["live","popular"]'}), ("cached", {})):
+    for path_name, extra in (("live", LIVE_ENV), ("cached", {})):
         port = free_port()
         with uvicorn_server("serving.app:create_app", port, env={**env, **extra}) as process:
             base = f"http://127.0.0.1:{port}"
-            if path_name == "cached":
-                # A list is cached only when the live path made it (a fallback answer is not):
-                # ask, one at a time, until every user's list is in the cache.
-                pending, passes = list(paths), 0
-                while pending and passes < 6:
-                    asyncio.run(sample_paths(base, pending, headers, concurrency=1))
-                    time.sleep(0.3)  # the live path writes the cache in the background
-                    served = asyncio.run(sample_paths(base, pending, headers, concurrency=1))
-                    pending, passes = [p for p in pending if served[p] != "cache"], passes + 1
-                result: dict[str, Any] = {"warmup_passes": passes, "uncached_users": len(pending)}
-            else:
-                asyncio.run(sample_paths(base, paths[:20], headers, concurrency=1))  # connections, model load
-                result = {}
+            result = warm(base, paths, headers, cached=path_name == "cached")
             # The unsaturated run goes first: after the saturated one, searches that outlived their
             # budget are still queued in Milvus and the thread pool, and the first seconds of a run
             # after it measured that backlog, not a worker with one request in flight.
