@@ -229,11 +229,6 @@ class ModelSettings(BaseModel):
     # Torch threads while training. 1 on purpose: on a shared 2-core machine two threads
     # measured 2.5x slower per step than one (oversubscription); raise it on a dedicated box.
     torch_threads: int = 1
-    # Torch threads in the processes that serve the models (API, precompute flow). They score
-    # small batches (a user, ~200 candidates) where a second thread only spins: with 2, one heavy
-    # ranker pass cost 2.6 ms of CPU instead of 0.2 (and 0.45 ms of wall time instead of 0.3).
-    # Scale serving with workers, not with this.
-    serving_torch_threads: int = 1
     # Offline metrics: the last fraction of the log (by time) is held out.
     eval_holdout: float = 0.2
     # After evaluating, train again on the whole log for the version that ships.

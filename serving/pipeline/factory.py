@@ -35,8 +35,6 @@ async def build_recommender(
     settings: Settings, redis: aioredis.Redis | None = None, publish: Callable[[str, str, bytes], None] | None = None,
 ) -> tuple[Recommender, Callable[[], Awaitable[None]]]:
     """The Recommender and an async close(); Redis is created here unless given."""
-    import torch
-
     from infra.milvus import MilvusItemIndex
     from model.ranker import HeavyRanker, LiveRanker
     from model.registry import LiveModel
@@ -45,7 +43,6 @@ async def build_recommender(
     from serving.features import OnlineFeatures
     from serving.multiplexed_redis import MultiplexedRedis
 
-    torch.set_num_threads(settings.model.serving_torch_threads)  # process-wide; see the setting
     own_redis = redis is None
     client = redis or aioredis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s,
                                               socket_connect_timeout=settings.redis.socket_timeout_s)
