@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
 import numpy as np
@@ -222,18 +223,23 @@ class SearchFilter:
         return [] if self.fresh_since is None else [f"(published_at >= {int(self.fresh_since)} or cold == true)"]
 
     def fields(self) -> tuple[str, ...]:
-        """The scalar fields :meth:`matches` reads, besides the region."""
+        """The scalar fields :meth:`passes` reads, besides the region."""
         return (("category",) if self.category is not None or self.categories else ()) + (
             ("published_at", "cold") if self.fresh_since is not None else ())
 
-    def matches(self, row: dict[str, Any]) -> bool:
-        """Whether a hit with these scalar fields (:meth:`fields`) passes everything but the region and ``exclude``."""
-        category = row.get("category")
-        if self.category is not None and category != self.category:
-            return False
-        if self.categories and category not in self.categories:
-            return False
-        return self.fresh_since is None or bool(row.get("cold")) or row.get("published_at", 0) >= self.fresh_since
+    def passes(self, columns: dict[str, Sequence[Any]], n: int) -> list[bool]:
+        """For n hits with these scalar columns (:meth:`fields`): which pass everything but the region and ``exclude``."""
+        passed = [True] * n
+        if self.category is not None:
+            passed = [p and c == self.category for p, c in zip(passed, columns["category"], strict=True)]
+        if self.categories:
+            wanted = frozenset(self.categories)
+            passed = [p and c in wanted for p, c in zip(passed, columns["category"], strict=True)]
+        if self.fresh_since is not None:
+            since = self.fresh_since
+            passed = [p and (bool(cold) or at >= since)
+                      for p, cold, at in zip(passed, columns["cold"], columns["published_at"], strict=True)]
+        return passed
 
     @staticmethod
     def either(filters: Sequence[SearchFilter]) -> str | None:
@@ -252,7 +258,8 @@ class SearchFilter:
 def _scalars(field: Any) -> Sequence[Any]:
     """The values of one scalar column of a search reply (FieldData protobuf)."""
     scalars = field.scalars
-    return getattr(scalars, scalars.WhichOneof("data")).data
+    kind = scalars.WhichOneof("data")
+    return getattr(scalars, kind).data if kind else ()  # no hits: the column is left unset
 
 
 def _quote(value: str) -> str:
@@ -325,12 +332,9 @@ class MilvusItemIndex:
         limit = 2 * sum(k + len(flt.exclude) for flt, k in wants)
         fields = sorted({name for flt, _ in wants for name in flt.fields()})
         [(ids, scores, columns)] = self._call([vector], limit, expr, timeout_s, fields)
-        out: list[list[tuple[str, float]]] = [[] for _ in wants]
-        for n, (item_id, score) in enumerate(zip(ids, scores, strict=True)):
-            row = {name: column[n] for name, column in columns.items()}
-            for hits, (flt, k) in zip(out, wants, strict=True):
-                if len(hits) < k and flt.matches(row) and str(item_id) not in flt.exclude:
-                    hits.append((str(item_id), float(score)))
+        hits = [(str(i), float(s)) for i, s in zip(ids, scores, strict=True)]
+        out = [[h for h in compress(hits, flt.passes(columns, len(hits))) if h[0] not in flt.exclude][:k]
+               for flt, k in wants]
         for j, (flt, k) in enumerate(wants):
             if len(out[j]) < k and len(ids) == limit and not self._all_found(flt, len(out[j])):
                 out[j] = self.search(vector, k, flt, timeout_s)

@@ -371,6 +371,10 @@ def test_search_each_answers_as_a_search_per_filter(rsettings: Settings) -> None
             for got, expected, (_, k) in zip(each, alone, wants, strict=True):
                 assert len(got) == k and [i for i, _ in got] == [i for i, _ in expected]
                 assert np.allclose([s for _, s in got], [s for _, s in expected])
+    # Nothing passes either filter: empty answers, not an error.
+    nothing = [(SearchFilter(categories=("Horror",), region="fr"), 5),
+               (SearchFilter(category="Western", region="fr", fresh_since=10**6), 5)]
+    assert index.search_each(vectors[0], nothing) == [[], []]
     # Different regions: a search per filter.
     index.searches = 0
     index.search_each(vectors[0], [(comedy, 5), (SearchFilter(region="us", fresh_since=1500), 5)])

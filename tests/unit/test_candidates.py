@@ -148,15 +148,15 @@ def test_either_expression_checks_the_shared_region_once() -> None:
     assert SearchFilter.either([content, SearchFilter(region="us", fresh_since=5)]) is None  # searched one by one
 
 
-def test_filter_matches_a_hit_as_its_expression_would() -> None:
+def test_filter_passes_hits_as_its_expression_would() -> None:
     content, fresh = SearchFilter(categories=("Drama", "War")), SearchFilter(fresh_since=100)
     assert content.fields() == ("category",) and fresh.fields() == ("published_at", "cold")
-    assert content.matches({"category": "War"}) and not content.matches({"category": "Comedy"})
-    assert SearchFilter(category="War").matches({"category": "War"})
-    assert not SearchFilter(category="War").matches({"category": "Drama"})
-    assert fresh.matches({"published_at": 100, "cold": False}) and fresh.matches({"published_at": 0, "cold": True})
-    assert not fresh.matches({"published_at": 99, "cold": False})
-    assert SearchFilter().matches({})
+    columns = {"category": ["War", "Comedy", "Drama"], "published_at": [100, 0, 99], "cold": [False, True, False]}
+    assert content.passes(columns, 3) == [True, False, True]
+    assert SearchFilter(category="War").passes(columns, 3) == [True, False, False]
+    assert fresh.passes(columns, 3) == [True, True, False]
+    assert SearchFilter(categories=("Drama",), fresh_since=100).passes(columns, 3) == [False, False, False]
+    assert SearchFilter().passes({}, 2) == [True, True]
 
 
 class EachCountingIndex(MemoryItemIndex):

@@ -26,7 +26,7 @@ class CannedIndex(MilvusItemIndex):
         self.own_searches: list[str] = []
 
     def _call(self, vectors, limit, expr, timeout_s, output_fields=()):
-        rows = [r for r in self.catalogue if WIDE.matches(self._row(r)) or NARROW.matches(self._row(r))]
+        rows = [r for r in self.catalogue if self._passes(WIDE, r) or self._passes(NARROW, r)]
         rows = rows[:limit]
         columns = {"category": [r[1] for r in rows], "published_at": [r[2] for r in rows],
                    "cold": [False] * len(rows)}
@@ -34,12 +34,12 @@ class CannedIndex(MilvusItemIndex):
 
     def search(self, vector, k, flt=None, timeout_s=None):
         self.own_searches.append(flt.expression())
-        rows = [r for r in self.catalogue if flt.matches(self._row(r))][:k]
+        rows = [r for r in self.catalogue if self._passes(flt, r)][:k]
         return [(r[0], 1.0) for r in rows]
 
     @staticmethod
-    def _row(r: tuple[str, str, int]) -> dict:
-        return {"category": r[1], "published_at": r[2], "cold": False}
+    def _passes(flt: SearchFilter, r: tuple[str, str, int]) -> bool:
+        return flt.passes({"category": [r[1]], "published_at": [r[2]], "cold": [False]}, 1)[0]
 
 
 def catalogue(dramas: int, fresh: int) -> list[tuple[str, str, int]]:
