@@ -279,8 +279,19 @@ def _generic(r: dict[str, Any]) -> list[str]:
     return ["| figure | value |", "|---|---|", *[f"| {k} | {_f(v)} |" for k, v in leaves]]
 
 
+def _ab(r: dict[str, Any]) -> list[str]:
+    lines = [f"{r['path']} path, {r['items']:,} items, {r['connections']} connection(s); medians of "
+             f"{len(r['rounds']['old'])} alternating {r['seconds_per_round']} s runs per revision.", "",
+             "| | revision | p50 ms | p99 ms | API CPU ms/req | Milvus CPU ms/req | requests |", "|---|---|---|---|---|---|---|"]
+    for name, row in r["summary"].items():
+        lines.append(f"| {name} | {row['revision']} | {_f(row['p50_ms'], 1)} | {_f(row['p99_ms'], 1)} | "
+                     f"{_f(row['api_cpu_ms_per_request'], 2)} | {_f(row['milvus_cpu_ms_per_request'], 2)} | "
+                     f"{row['requests']:,} |")
+    return lines
+
+
 SECTIONS = {"quality": _quality, "offline": _offline, "latency": _latency, "ingest": _ingest,
-            "retrieval": _retrieval}
+            "retrieval": _retrieval, "ab": _ab}
 
 
 def write_summary(statuses: dict[str, tuple[str, float]] | None = None,

@@ -50,6 +50,15 @@ def checkout(rev: str):
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False)
 
 
+def this_checkout() -> str:
+    """HEAD's short hash, marked where the checkout has uncommitted changes (they are measured too)."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *argv], capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (" + changes" if git("status", "--porcelain", "--untracked-files=no")
+                                                  else "")
+
+
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     def median(key: str) -> float:
         return round(statistics.median(r[key] for r in rounds), 2)
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if milvus is None:
         sys.exit("no Milvus server process: start the stack with `make up` first")
     extra = LIVE_ENV if args.path == "live" else {}
-    names = {"old": args.old, "new": args.new or "this checkout"}
+    names = {"old": args.old, "new": args.new or this_checkout()}
     with ExitStack() as stack:
         trees = {"old": stack.enter_context(checkout(args.old)),
                  "new": stack.enter_context(checkout(args.new)) if args.new else ROOT}
