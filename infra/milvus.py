@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
@@ -60,6 +60,9 @@ except ImportError:  # another pymilvus: the public call
 
 # How long search_each trusts a filter's counted size (new items may pass it after that).
 FILTER_SIZE_TTL_S = 60.0
+
+# One query's answer from a search request: ids, scores, and the asked-for scalar columns.
+Reply = tuple[Sequence[Any], Sequence[float], dict[str, Sequence[Any]]]
 
 PK = "item_id"
 VECTOR = "embedding"
@@ -227,7 +230,7 @@ class SearchFilter:
         return (("category",) if self.category is not None or self.categories else ()) + (
             ("published_at", "cold") if self.fresh_since is not None else ())
 
-    def passes(self, columns: dict[str, Sequence[Any]], n: int) -> list[bool]:
+    def passes(self, columns: Mapping[str, Sequence[Any]], n: int) -> list[bool]:
         """For n hits with these scalar columns (:meth:`fields`): which pass everything but the region and ``exclude``."""
         passed = [True] * n
         if self.category is not None:
@@ -352,7 +355,7 @@ class MilvusItemIndex:
         return expiry > time.monotonic() and found >= size
 
     def _call(self, vectors: Sequence[np.ndarray], limit: int, expr: str, timeout_s: float | None,
-              output_fields: Sequence[str] = ()) -> list[tuple[Sequence[Any], Sequence[float], dict[str, list]]]:
+              output_fields: Sequence[str] = ()) -> list[Reply]:
         """One search request (gRPC deadline: timeout_s or milvus.timeout_s): per query, ids, scores and fields."""
         data = [np.asarray(v, dtype=np.float32).tolist() for v in vectors]
         params = {"metric_type": "IP", "params": {"ef": max(self.settings.retrieval.ef_search, limit)}}
@@ -360,7 +363,7 @@ class MilvusItemIndex:
         return search(data, limit, expr, params, timeout_s or self.settings.milvus.timeout_s, output_fields)
 
     def _search_public(self, data: list[list[float]], limit: int, expr: str, params: dict, timeout: float,
-                       output_fields: Sequence[str] = ()) -> list[tuple[Sequence[Any], Sequence[float], dict[str, list]]]:
+                       output_fields: Sequence[str] = ()) -> list[Reply]:
         results = self.client().search(self.target, data=data, limit=limit, filter=expr, search_params=params,
                                        anns_field=VECTOR, timeout=timeout, output_fields=list(output_fields))
         out = []
@@ -370,12 +373,12 @@ class MilvusItemIndex:
             ids, scores = getattr(hits, "ids", None), getattr(hits, "distances", None)
             if ids is None or scores is None:
                 ids, scores = [h.get(PK, h.get("id")) for h in hits], [h["distance"] for h in hits]
-            columns = {name: [h["entity"][name] for h in hits] for name in output_fields}
+            columns: dict[str, Sequence[Any]] = {name: [h["entity"][name] for h in hits] for name in output_fields}
             out.append((ids, scores, columns))
         return out
 
     def _search_lean(self, data: list[list[float]], limit: int, expr: str, params: dict, timeout: float,
-                     output_fields: Sequence[str] = ()) -> list[tuple[Sequence[Any], Sequence[float], dict[str, list]]]:
+                     output_fields: Sequence[str] = ()) -> list[Reply]:
         """The same request as ``MilvusClient.search``, its reply read straight from the protobuf.
 
         pymilvus turns every hit into a dict-like ``Hit`` before returning: about half of a

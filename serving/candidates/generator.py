@@ -51,28 +51,6 @@ SIGNAL_SOURCES = frozenset({"covisit", "trending_region", "trending"})
 SEED_VECTOR_CACHE_ITEMS = 10_000
 
 
-@dataclass
-class Request:
-    """Per-request state the sources share (the user vector is computed once)."""
-
-    ctx: UserContext
-    user_vector: np.ndarray | None
-    seeds: list[str]
-    exclude: frozenset[str]
-    region: str | None
-    # Deadline of each index call (generate(): the source timeout, so a search that missed its
-    # budget frees its thread instead of holding it for milvus.timeout_s); None: backend default.
-    timeout_s: float | None = None
-    # Source -> k for this request (ann's and item2item's shared call sizes itself from them).
-    quotas: dict[str, int] = field(default_factory=dict)
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    # Index calls two sources share (CandidateGenerator.near: ann and item2item; .filtered:
-    # content and fresh): made by whichever of the two asks first, in its thread.
-    near: Once = field(default_factory=lambda: Once())
-    filtered: Once = field(default_factory=lambda: Once())
-
-
 class Once:
     """A value computed once, by the first thread that asks; the others wait for it (or its exception)."""
 
@@ -92,6 +70,28 @@ class Once:
         if isinstance(self._value, BaseException):
             raise self._value
         return self._value
+
+
+@dataclass
+class Request:
+    """Per-request state the sources share (the user vector is computed once)."""
+
+    ctx: UserContext
+    user_vector: np.ndarray | None
+    seeds: list[str]
+    exclude: frozenset[str]
+    region: str | None
+    # Deadline of each index call (generate(): the source timeout, so a search that missed its
+    # budget frees its thread instead of holding it for milvus.timeout_s); None: backend default.
+    timeout_s: float | None = None
+    # Source -> k for this request (ann's and item2item's shared call sizes itself from them).
+    quotas: dict[str, int] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    # Index calls two sources share (CandidateGenerator.near: ann and item2item; .filtered:
+    # content and fresh): made by whichever of the two asks first, in its thread.
+    near: Once = field(default_factory=Once)
+    filtered: Once = field(default_factory=Once)
 
 
 class CandidateGenerator:
