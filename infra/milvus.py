@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
@@ -265,6 +265,11 @@ def _scalars(field: Any) -> Sequence[Any]:
     return getattr(scalars, kind).data if kind else ()  # no hits: the column is left unset
 
 
+def _kept(hits: Iterable[tuple[str, float]], flt: SearchFilter, k: int) -> list[tuple[str, float]]:
+    """The first k hits the filter does not exclude."""
+    return [h for h in hits if h[0] not in flt.exclude][:k]
+
+
 def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -306,11 +311,7 @@ class MilvusItemIndex:
                     timeout_s: float | None = None) -> list[list[tuple[str, float]]]:
         """Top-k for several query vectors in one round trip (gRPC deadline: timeout_s or milvus.timeout_s)."""
         flt = flt or SearchFilter()
-        out = []
-        for ids, scores, _ in self._call(vectors, k + len(flt.exclude), flt.expression(), timeout_s):
-            pairs = [(str(i), float(s)) for i, s in zip(ids, scores, strict=True)]
-            out.append([(i, s) for i, s in pairs if i not in flt.exclude][:k])
-        return out
+        return [_kept(hits, flt, k) for hits, _ in self._call(vectors, k + len(flt.exclude), flt.expression(), timeout_s)]
 
     def search_each(self, vector: np.ndarray, wants: Sequence[tuple[SearchFilter, int]],
                     timeout_s: float | None = None) -> list[list[tuple[str, float]]]:
@@ -334,12 +335,10 @@ class MilvusItemIndex:
             return [self.search(vector, k, flt, timeout_s) for flt, k in wants]
         limit = 2 * sum(k + len(flt.exclude) for flt, k in wants)
         fields = sorted({name for flt, _ in wants for name in flt.fields()})
-        [(ids, scores, columns)] = self._call([vector], limit, expr, timeout_s, fields)
-        hits = [(str(i), float(s)) for i, s in zip(ids, scores, strict=True)]
-        out = [[h for h in compress(hits, flt.passes(columns, len(hits))) if h[0] not in flt.exclude][:k]
-               for flt, k in wants]
+        [(hits, columns)] = self._call([vector], limit, expr, timeout_s, fields)
+        out = [_kept(compress(hits, flt.passes(columns, len(hits))), flt, k) for flt, k in wants]
         for j, (flt, k) in enumerate(wants):
-            if len(out[j]) < k and len(ids) == limit and not self._all_found(flt, len(out[j])):
+            if len(out[j]) < k and len(hits) == limit and not self._all_found(flt, len(out[j])):
                 out[j] = self.search(vector, k, flt, timeout_s)
                 if len(out[j]) < k and not flt.exclude:
                     if len(self._filter_sizes) >= 10_000:
@@ -355,12 +354,14 @@ class MilvusItemIndex:
         return expiry > time.monotonic() and found >= size
 
     def _call(self, vectors: Sequence[np.ndarray], limit: int, expr: str, timeout_s: float | None,
-              output_fields: Sequence[str] = ()) -> list[Reply]:
-        """One search request (gRPC deadline: timeout_s or milvus.timeout_s): per query, ids, scores and fields."""
+              output_fields: Sequence[str] = ()) -> list[tuple[list[tuple[str, float]], dict[str, Sequence[Any]]]]:
+        """One search request (gRPC deadline: timeout_s or milvus.timeout_s): per query, its
+        (item_id, score) hits in order and the asked-for scalar columns."""
         data = [np.asarray(v, dtype=np.float32).tolist() for v in vectors]
         params = {"metric_type": "IP", "params": {"ef": max(self.settings.retrieval.ef_search, limit)}}
         search = self._search_lean if _LEAN_SEARCH else self._search_public
-        return search(data, limit, expr, params, timeout_s or self.settings.milvus.timeout_s, output_fields)
+        return [([(str(i), float(s)) for i, s in zip(ids, scores, strict=True)], columns) for ids, scores, columns
+                in search(data, limit, expr, params, timeout_s or self.settings.milvus.timeout_s, output_fields)]
 
     def _search_public(self, data: list[list[float]], limit: int, expr: str, params: dict, timeout: float,
                        output_fields: Sequence[str] = ()) -> list[Reply]:

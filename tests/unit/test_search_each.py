@@ -30,7 +30,7 @@ class CannedIndex(MilvusItemIndex):
         rows = rows[:limit]
         columns = {"category": [r[1] for r in rows], "published_at": [r[2] for r in rows],
                    "cold": [False] * len(rows)}
-        return [([r[0] for r in rows], [1.0 - n / 1000 for n in range(len(rows))], columns)]
+        return [([(r[0], 1.0 - n / 1000) for n, r in enumerate(rows)], columns)]
 
     def search(self, vector, k, flt=None, timeout_s=None):
         self.own_searches.append(flt.expression())
