@@ -59,6 +59,7 @@ from demo.movielens import REGIONS
 from infra.milvus import (
     PK,
     VECTOR,
+    alias_target,
     connect,
     create_item_collection,
     create_vector_index,
@@ -329,6 +330,8 @@ def _ensure_milvus(settings: Settings, catalog: SyntheticCatalog, progress: bool
         rows = int(client.get_collection_stats(name).get("row_count", 0)) if client.has_collection(name) else -1
         if rows != n:
             if rows >= 0:
+                if alias_target(client, catalog.alias) == name:
+                    client.drop_alias(catalog.alias)  # (Milvus 2.3.5 keeps an alias past its collection's drop)
                 client.drop_collection(name)
             started = time.perf_counter()
             create_item_collection(client, name, catalog.dim, settings, load=False, vector_index=False)

@@ -58,6 +58,9 @@ try:  # the pieces of pymilvus the lean search uses (MilvusItemIndex._search_lea
 except ImportError:  # another pymilvus: the public call
     _LEAN_SEARCH = False
 
+# search_unfiltered searches this many times deeper than it answers; Milvus' largest topk.
+UNFILTERED_DEPTH = 4
+MAX_TOPK = 16384
 # How long search_each trusts a filter's counted size (new items may pass it after that).
 FILTER_SIZE_TTL_S = 60.0
 
@@ -270,6 +273,12 @@ def _kept(hits: Iterable[tuple[str, float]], flt: SearchFilter, k: int) -> list[
     return [h for h in hits if h[0] not in flt.exclude][:k]
 
 
+def _shown_in(regions: Any, region: str) -> bool:
+    """An item's regions column value (a list, or the reply's ScalarField) passes ``region``: none = everywhere."""
+    values = regions.string_data.data if hasattr(regions, "string_data") else regions
+    return not values or region in values
+
+
 def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -309,9 +318,34 @@ class MilvusItemIndex:
 
     def search_many(self, vectors: Sequence[np.ndarray], k: int, flt: SearchFilter | None = None,
                     timeout_s: float | None = None) -> list[list[tuple[str, float]]]:
-        """Top-k for several query vectors in one round trip (gRPC deadline: timeout_s or milvus.timeout_s)."""
+        """Top-k for several query vectors in one round trip (gRPC deadline: timeout_s or milvus.timeout_s).
+
+        The embedded Milvus' filtered HNSW search now and then answers a query with 0 or 1 hit where
+        the filter passes thousands of items: at 100k items, region-filtered, k=420, ~0.3% of
+        queries (1 to 2% of 4-query calls), some of them again when asked again or nudged. The
+        filter is one for every query of a call, so a query with under half the hits of the
+        longest is answered by :meth:`search_unfiltered` instead.
+        """
         flt = flt or SearchFilter()
-        return [_kept(hits, flt, k) for hits, _ in self._call(vectors, k + len(flt.exclude), flt.expression(), timeout_s)]
+        limit, expr = k + len(flt.exclude), flt.expression()
+        replies = [hits for hits, _ in self._call(vectors, limit, expr, timeout_s)]
+        longest = max(map(len, replies), default=0)
+        for j, hits in enumerate(replies):
+            if 2 * len(hits) < longest:
+                replies[j] = self.search_unfiltered(vectors[j], limit, flt, timeout_s)
+        return [_kept(hits, flt, k) for hits in replies]
+
+    def search_unfiltered(self, vector: np.ndarray, k: int, flt: SearchFilter,
+                          timeout_s: float | None = None) -> list[tuple[str, float]]:
+        """Up to k hits passing ``flt`` (``exclude`` aside) from an unfiltered search UNFILTERED_DEPTH
+        times as deep, the filter applied here: fewer than k where few of the nearest pass it."""
+        fields = ["regions", *flt.fields()] if flt.region is not None else list(flt.fields())
+        depth = min(UNFILTERED_DEPTH * k, MAX_TOPK)
+        [(hits, columns)] = self._call([vector], depth, "", timeout_s, fields)
+        passed = flt.passes(columns, len(hits))
+        if flt.region is not None:
+            passed = [p and _shown_in(r, flt.region) for p, r in zip(passed, columns["regions"], strict=True)]
+        return list(compress(hits, passed))[:k]
 
     def search_each(self, vector: np.ndarray, wants: Sequence[tuple[SearchFilter, int]],
                     timeout_s: float | None = None) -> list[list[tuple[str, float]]]:

@@ -379,3 +379,15 @@ def test_search_each_answers_as_a_search_per_filter(rsettings: Settings) -> None
     index.searches = 0
     index.search_each(vectors[0], [(comedy, 5), (SearchFilter(region="us", fresh_since=1500), 5)])
     assert index.searches == 2
+
+
+def test_unfiltered_fallback_answers_as_the_filtered_search(rsettings: Settings) -> None:
+    """search_many's fallback for a reply Milvus cut short: an unfiltered search with the filter applied
+    here (regions read from the real reply, none = shown everywhere) gives the filtered search's hits."""
+    vectors = small_catalogue(rsettings)
+    index = MilvusItemIndex(rsettings)
+    for flt in (SearchFilter(region="fr"), SearchFilter(region="us", categories=("Drama",), fresh_since=500)):
+        for query in vectors[:3]:
+            filtered = index.search(query, 40, flt)
+            fallback = index.search_unfiltered(query, 40, flt)
+            assert len(fallback) == 40 and [i for i, _ in fallback] == [i for i, _ in filtered]

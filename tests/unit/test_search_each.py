@@ -1,7 +1,8 @@
-"""MilvusItemIndex.search_each's bookkeeping: which filters are searched again after the shared search.
+"""MilvusItemIndex's bookkeeping around its searches: which filters search_each searches again after
+the shared search, and which queries of a multi-query reply search_many asks for again.
 
-The shared search and the per-filter searches are canned here (the logic between them is pure);
-tests/integration/test_retrieval.py runs the same method on the real Milvus.
+The searches are canned here (the logic between them is pure); tests/integration/test_retrieval.py
+runs the same methods on the real Milvus.
 """
 
 from __future__ import annotations
@@ -81,3 +82,41 @@ def test_filters_over_different_regions_are_searched_one_by_one() -> None:
     index = CannedIndex(catalogue(dramas=10, fresh=10))
     index.search_each(np.zeros(4), [(WIDE, 5), (other, 5)])
     assert index.own_searches == [WIDE.expression(), other.expression()]
+
+
+class TruncatingIndex(MilvusItemIndex):
+    """Answers ``lengths[j]`` hits for query j of a multi-query call (as the embedded Milvus now and
+    then answers one with 0 or 1 hit) and, to an unfiltered search, ``limit`` hits whose regions
+    cycle through ["fr"], ["us"] and none (shown everywhere)."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        super().__init__(Settings())
+        self.lengths = lengths
+        self.calls: list[tuple[int, int, str]] = []
+
+    def _call(self, vectors, limit, expr, timeout_s, output_fields=()):
+        self.calls.append((len(vectors), limit, expr))
+        if not expr:
+            regions = [(["fr"], ["us"], [])[n % 3] for n in range(limit)]
+            return [([(f"u{n}", 1.0) for n in range(limit)], {"regions": regions})]
+        return [([(f"q{round(float(v[0]))}-{n}", 1.0) for n in range(min(m, limit))], {})
+                for v, m in zip(vectors, self.lengths, strict=True)]
+
+
+def queries(n: int) -> list[np.ndarray]:
+    return [np.full(4, j, dtype=np.float32) for j in range(n)]
+
+
+def test_a_query_cut_short_in_a_multi_query_reply_is_answered_by_an_unfiltered_search() -> None:
+    index = TruncatingIndex(lengths=[420, 1, 420, 420])
+    replies = index.search_many(queries(4), 420, SearchFilter(region="fr"))
+    assert [len(r) for r in replies] == [420] * 4
+    assert index.calls[1] == (1, 4 * 420, "")  # unfiltered, four times as deep
+    # The region applied here: items in "us" dropped, "fr" and shown-everywhere kept, in order.
+    assert [i for i, _ in replies[1][:4]] == ["u0", "u2", "u3", "u5"]
+
+
+def test_queries_equally_short_are_all_the_filter_passes_and_not_searched_again() -> None:
+    index = TruncatingIndex(lengths=[30, 30, 29])
+    assert [len(r) for r in index.search_many(queries(3), 420, SearchFilter(region="fr"))] == [30, 30, 29]
+    assert len(index.calls) == 1
