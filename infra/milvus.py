@@ -228,6 +228,11 @@ class SearchFilter:
     def _fresh_parts(self) -> list[str]:
         return [] if self.fresh_since is None else [f"(published_at >= {int(self.fresh_since)} or cold == true)"]
 
+    def shown(self, regions: Any) -> bool:
+        """Whether an item with these regions (a list, or a reply's ScalarField) passes the region: none = everywhere."""
+        values = regions.string_data.data if hasattr(regions, "string_data") else regions
+        return self.region is None or not values or self.region in values
+
     def fields(self) -> tuple[str, ...]:
         """The scalar fields :meth:`passes` reads, besides the region."""
         return (("category",) if self.category is not None or self.categories else ()) + (
@@ -271,12 +276,6 @@ def _scalars(field: Any) -> Sequence[Any]:
 def _kept(hits: Iterable[tuple[str, float]], flt: SearchFilter, k: int) -> list[tuple[str, float]]:
     """The first k hits the filter does not exclude."""
     return [h for h in hits if h[0] not in flt.exclude][:k]
-
-
-def _shown_in(regions: Any, region: str) -> bool:
-    """An item's regions column value (a list, or the reply's ScalarField) passes ``region``: none = everywhere."""
-    values = regions.string_data.data if hasattr(regions, "string_data") else regions
-    return not values or region in values
 
 
 def _quote(value: str) -> str:
@@ -344,7 +343,7 @@ class MilvusItemIndex:
         [(hits, columns)] = self._call([vector], depth, "", timeout_s, fields)
         passed = flt.passes(columns, len(hits))
         if flt.region is not None:
-            passed = [p and _shown_in(r, flt.region) for p, r in zip(passed, columns["regions"], strict=True)]
+            passed = [p and flt.shown(r) for p, r in zip(passed, columns["regions"], strict=True)]
         return list(compress(hits, passed))[:k]
 
     def search_each(self, vector: np.ndarray, wants: Sequence[tuple[SearchFilter, int]],

@@ -68,7 +68,7 @@ class MemoryItemIndex:
             wanted = np.isin(self.category, list(flt.categories))
             mask = wanted if mask is None else mask & wanted
         if flt.region is not None:
-            region = np.array([not r or flt.region in r for r in self.regions], dtype=bool)
+            region = np.array([flt.shown(r) for r in self.regions], dtype=bool)
             mask = region if mask is None else mask & region
         if flt.fresh_since is not None:
             fresh = (self.published >= flt.fresh_since) | self.cold
