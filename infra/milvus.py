@@ -17,6 +17,7 @@ collection is loaded again.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,8 +59,9 @@ try:  # the pieces of pymilvus the lean search uses (MilvusItemIndex._search_lea
 except ImportError:  # another pymilvus: the public call
     _LEAN_SEARCH = False
 
-# search_unfiltered searches this many times deeper than it answers; Milvus' largest topk.
-UNFILTERED_DEPTH = 4
+# search_unfiltered searches first this many times deeper than it answers (the region alone passes
+# ~56% of the benchmark catalogue), at most the second; Milvus' largest topk.
+UNFILTERED_DEPTH = (4, 16)
 MAX_TOPK = 16384
 # How long search_each trusts a filter's counted size (new items may pass it after that).
 FILTER_SIZE_TTL_S = 60.0
@@ -320,31 +322,59 @@ class MilvusItemIndex:
         """Top-k for several query vectors in one round trip (gRPC deadline: timeout_s or milvus.timeout_s).
 
         The embedded Milvus' filtered HNSW search now and then answers a query with 0 or 1 hit where
-        the filter passes thousands of items: at 100k items, region-filtered, k=420, ~0.3% of
-        queries (1 to 2% of 4-query calls), some of them again when asked again or nudged. The
-        filter is one for every query of a call, so a query with under half the hits of the
-        longest is answered by :meth:`search_unfiltered` instead.
+        the filter passes thousands of items (100k items, region filter, k=420: ~0.3% of queries;
+        asked again, or nudged by 1e-4, about half of them fail again). A reply that looks cut
+        short (:meth:`_looks_cut`) is checked with :meth:`search_unfiltered`; the longer answer stands.
         """
         flt = flt or SearchFilter()
         limit, expr = k + len(flt.exclude), flt.expression()
         replies = [hits for hits, _ in self._call(vectors, limit, expr, timeout_s)]
         longest = max(map(len, replies), default=0)
         for j, hits in enumerate(replies):
-            if 2 * len(hits) < longest:
-                replies[j] = self.search_unfiltered(vectors[j], limit, flt, timeout_s)
+            if self._looks_cut(len(hits), longest, limit, expr):
+                [again] = self.search_unfiltered(vectors[j], [(flt, limit)], timeout_s)
+                if len(again) <= 1:
+                    self._remember_size(expr, len(again))  # the filter may pass that few: not checked again soon
+                replies[j] = max(hits, again, key=len)
         return [_kept(hits, flt, k) for hits in replies]
 
-    def search_unfiltered(self, vector: np.ndarray, k: int, flt: SearchFilter,
-                          timeout_s: float | None = None) -> list[tuple[str, float]]:
-        """Up to k hits passing ``flt`` (``exclude`` aside) from an unfiltered search UNFILTERED_DEPTH
-        times as deep, the filter applied here: fewer than k where few of the nearest pass it."""
-        fields = ["regions", *flt.fields()] if flt.region is not None else list(flt.fields())
-        depth = min(UNFILTERED_DEPTH * k, MAX_TOPK)
-        [(hits, columns)] = self._call([vector], depth, "", timeout_s, fields)
-        passed = flt.passes(columns, len(hits))
-        if flt.region is not None:
-            passed = [p and flt.shown(r) for p, r in zip(passed, columns["regions"], strict=True)]
-        return list(compress(hits, passed))[:k]
+    def _looks_cut(self, found: int, longest: int, limit: int, expr: str) -> bool:
+        """A reply of ``found`` hits looks cut short by Milvus: under half of the longest in its call
+        (every query of a call has the same filter), or 0-1 hit of more asked under a filter not
+        counted that small in the last FILTER_SIZE_TTL_S."""
+        if 2 * found < longest:
+            return True
+        if found > 1 or limit <= 1 or not expr:
+            return False
+        expiry, size = self._filter_sizes.get(expr, (0.0, 0))
+        return not (expiry > time.monotonic() and size <= 1)
+
+    def _remember_size(self, expr: str, size: int) -> None:
+        if len(self._filter_sizes) >= 10_000:
+            self._filter_sizes.clear()
+        self._filter_sizes[expr] = (time.monotonic() + FILTER_SIZE_TTL_S, size)
+
+    def search_unfiltered(self, vector: np.ndarray, wants: Sequence[tuple[SearchFilter, int]],
+                          timeout_s: float | None = None) -> list[list[tuple[str, float]]]:
+        """For each (filter, k), up to k hits passing the filter (``exclude`` aside) from an unfiltered
+        search, the filters applied here: UNFILTERED_DEPTH[0] times the k's deep; where too few of
+        those passed a filter, once more as deep as the share that passed says it needs, at most
+        UNFILTERED_DEPTH[1] times the k's (a filter few items pass is not hunted through the whole index)."""
+        fields = sorted({"regions", *(name for flt, _ in wants for name in flt.fields())})
+        total = sum(k for _, k in wants)
+        depth, deepest = min(UNFILTERED_DEPTH[0] * total, MAX_TOPK), min(UNFILTERED_DEPTH[1] * total, MAX_TOPK)
+        while True:
+            [(hits, columns)] = self._call([vector], depth, "", timeout_s, fields)
+            out = []
+            for flt, k in wants:
+                passed = flt.passes(columns, len(hits))
+                if flt.region is not None:
+                    passed = [p and flt.shown(r) for p, r in zip(passed, columns["regions"], strict=True)]
+                out.append(list(compress(hits, passed))[:k])
+            short = max(k / max(len(found), 1) for found, (_, k) in zip(out, wants, strict=True))
+            if short <= 1 or len(hits) < depth or depth >= deepest:
+                return out
+            depth = min(math.ceil(depth * short * 1.25), deepest)
 
     def search_each(self, vector: np.ndarray, wants: Sequence[tuple[SearchFilter, int]],
                     timeout_s: float | None = None) -> list[list[tuple[str, float]]]:
@@ -369,14 +399,20 @@ class MilvusItemIndex:
         limit = 2 * sum(k + len(flt.exclude) for flt, k in wants)
         fields = sorted({name for flt, _ in wants for name in flt.fields()})
         [(hits, columns)] = self._call([vector], limit, expr, timeout_s, fields)
+        if self._looks_cut(len(hits), 0, limit, expr):
+            # (at 100k items ~3% of these shared searches came back with 0-1 hit; the same query under
+            # each filter alone came back cut too, 100 times in 100): one unfiltered search for all.
+            again = self.search_unfiltered(vector, [(flt, k + len(flt.exclude)) for flt, k in wants], timeout_s)
+            if sum(map(len, again)) <= 1:
+                self._remember_size(expr, sum(map(len, again)))
+            if sum(map(len, again)) > len(hits):
+                return [_kept(found, flt, k) for found, (flt, k) in zip(again, wants, strict=True)]
         out = [_kept(compress(hits, flt.passes(columns, len(hits))), flt, k) for flt, k in wants]
         for j, (flt, k) in enumerate(wants):
             if len(out[j]) < k and len(hits) == limit and not self._all_found(flt, len(out[j])):
                 out[j] = self.search(vector, k, flt, timeout_s)
                 if len(out[j]) < k and not flt.exclude:
-                    if len(self._filter_sizes) >= 10_000:
-                        self._filter_sizes.clear()
-                    self._filter_sizes[flt.expression()] = (time.monotonic() + FILTER_SIZE_TTL_S, len(out[j]))
+                    self._remember_size(flt.expression(), len(out[j]))
         return out
 
     def _all_found(self, flt: SearchFilter, found: int) -> bool:

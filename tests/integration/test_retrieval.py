@@ -389,5 +389,10 @@ def test_unfiltered_fallback_answers_as_the_filtered_search(rsettings: Settings)
     for flt in (SearchFilter(region="fr"), SearchFilter(region="us", categories=("Drama",), fresh_since=500)):
         for query in vectors[:3]:
             filtered = index.search(query, 40, flt)
-            fallback = index.search_unfiltered(query, 40, flt)
+            [fallback] = index.search_unfiltered(query, [(flt, 40)])
             assert len(fallback) == 40 and [i for i, _ in fallback] == [i for i, _ in filtered]
+    # Several filters from one search, as search_each's fallback asks.
+    wants = [(SearchFilter(region="fr", categories=("Comedy",)), 30), (SearchFilter(region="fr", fresh_since=1500), 20)]
+    each = index.search_unfiltered(vectors[0], wants)
+    assert [[i for i, _ in found] for found in each] == [[i for i, _ in index.search(vectors[0], k, flt)]
+                                                         for flt, k in wants]

@@ -85,9 +85,9 @@ def test_filters_over_different_regions_are_searched_one_by_one() -> None:
 
 
 class TruncatingIndex(MilvusItemIndex):
-    """Answers ``lengths[j]`` hits for query j of a multi-query call (as the embedded Milvus now and
-    then answers one with 0 or 1 hit) and, to an unfiltered search, ``limit`` hits whose regions
-    cycle through ["fr"], ["us"] and none (shown everywhere)."""
+    """Answers ``lengths[j]`` hits for query j of a call (as the embedded Milvus now and then answers
+    one with 0 or 1 hit) and, to an unfiltered search, ``limit`` old dramas whose regions cycle
+    through ["fr"], ["us"] and none (shown everywhere)."""
 
     def __init__(self, lengths: list[int]) -> None:
         super().__init__(Settings())
@@ -98,7 +98,9 @@ class TruncatingIndex(MilvusItemIndex):
         self.calls.append((len(vectors), limit, expr))
         if not expr:
             regions = [(["fr"], ["us"], [])[n % 3] for n in range(limit)]
-            return [([(f"u{n}", 1.0) for n in range(limit)], {"regions": regions})]
+            return [([(f"u{n}", 1.0) for n in range(limit)],
+                     {"regions": regions, "category": ["Drama"] * limit, "published_at": [0] * limit,
+                      "cold": [False] * limit})]
         return [([(f"q{round(float(v[0]))}-{n}", 1.0) for n in range(min(m, limit))], {})
                 for v, m in zip(vectors, self.lengths, strict=True)]
 
@@ -120,3 +122,26 @@ def test_queries_equally_short_are_all_the_filter_passes_and_not_searched_again(
     index = TruncatingIndex(lengths=[30, 30, 29])
     assert [len(r) for r in index.search_many(queries(3), 420, SearchFilter(region="fr"))] == [30, 30, 29]
     assert len(index.calls) == 1
+
+
+def test_a_lone_query_answered_with_one_hit_is_checked_and_a_small_filter_remembered() -> None:
+    index = TruncatingIndex(lengths=[1])
+    assert len(index.search(queries(1)[0], 100, SearchFilter(region="fr"))) == 100
+    assert [c[2] for c in index.calls] == [SearchFilter(region="fr").expression(), ""]
+    # A filter the unfiltered search finds nothing for either: the 1 hit stands, and for a while
+    # its next 0-1 hit answers are taken as they are.
+    westerns = SearchFilter(categories=("Western",), region="fr")
+    index.calls.clear()
+    assert len(index.search(queries(1)[0], 100, westerns)) == 1
+    assert len(index.search(queries(1)[0], 100, westerns)) == 1
+    assert [c[2] for c in index.calls] == [westerns.expression(), "", "", westerns.expression()]  # 4x, then 16x deep
+
+
+def test_a_shared_search_cut_short_is_answered_by_one_unfiltered_search() -> None:
+    index = TruncatingIndex(lengths=[0])
+    wide, narrow = index.search_each(queries(1)[0], [(SearchFilter(categories=("Drama",), region="fr"), 20),
+                                                     (SearchFilter(region="fr", fresh_since=100), 20)])
+    assert [i for i, _ in wide[:3]] == ["u0", "u2", "u3"] and len(wide) == 20
+    assert narrow == []  # the old dramas: none is fresh
+    # One unfiltered search, then one 16 times as deep as the 40 asked for: 4 times found no fresh item.
+    assert [(c[1], c[2]) for c in index.calls[1:]] == [(4 * 40, ""), (16 * 40, "")]
