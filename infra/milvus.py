@@ -31,6 +31,8 @@ from pymilvus import DataType, MilvusClient
 from schemas.catalog import ItemRecord, ItemStatus
 from serving.config import Settings
 from serving.logging import route_library_loggers
+from serving.metrics import ANN_REPLIES_CUT
+from serving.metrics import child as metric_child
 
 # Importing pymilvus just installed its own log handlers; where logging was configured first, undo that.
 route_library_loggers()
@@ -280,6 +282,10 @@ def _kept(hits: Iterable[tuple[str, float]], flt: SearchFilter, k: int) -> list[
     return [h for h in hits if h[0] not in flt.exclude][:k]
 
 
+def _count_cut(repaired: bool) -> None:
+    metric_child(ANN_REPLIES_CUT, "true" if repaired else "false").inc()
+
+
 def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -335,6 +341,7 @@ class MilvusItemIndex:
                 [again] = self.search_unfiltered(vectors[j], [(flt, limit)], timeout_s)
                 if len(again) <= 1:
                     self._remember_size(expr, len(again))  # the filter may pass that few: not checked again soon
+                _count_cut(len(again) > len(hits))
                 replies[j] = max(hits, again, key=len)
         return [_kept(hits, flt, k) for hits in replies]
 
@@ -405,6 +412,7 @@ class MilvusItemIndex:
             again = self.search_unfiltered(vector, [(flt, k + len(flt.exclude)) for flt, k in wants], timeout_s)
             if sum(map(len, again)) <= 1:
                 self._remember_size(expr, sum(map(len, again)))
+            _count_cut(sum(map(len, again)) > len(hits))
             if sum(map(len, again)) > len(hits):
                 return [_kept(found, flt, k) for found, (flt, k) in zip(again, wants, strict=True)]
         out = [_kept(compress(hits, flt.passes(columns, len(hits))), flt, k) for flt, k in wants]

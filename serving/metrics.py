@@ -113,6 +113,12 @@ FALLBACKS = Counter(
     "Answers served from a fallback, by reason (a dependency down, a timeout, ...).",
     ["reason"],
 )
+ANN_REPLIES_CUT = Counter(
+    "recsys_ann_replies_cut_total",
+    "Milvus search replies that looked cut short (0-1 hit, or under half of their call's longest) and were"
+    " checked with an unfiltered search, by whether the check found more (infra/milvus.py).",
+    ["repaired"],  # true | false (the filter passes that few)
+)
 RECOMMENDATIONS_SERVED = Counter(
     "recsys_recommendations_served_total",
     "Recommendation lists served, by surface and where they came from.",

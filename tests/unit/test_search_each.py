@@ -124,10 +124,18 @@ def test_queries_equally_short_are_all_the_filter_passes_and_not_searched_again(
     assert len(index.calls) == 1
 
 
+def cut_replies(repaired: str) -> float:
+    from serving.metrics import ANN_REPLIES_CUT
+
+    return ANN_REPLIES_CUT.labels(repaired=repaired)._value.get()
+
+
 def test_a_lone_query_answered_with_one_hit_is_checked_and_a_small_filter_remembered() -> None:
     index = TruncatingIndex(lengths=[1])
+    repaired, not_repaired = cut_replies("true"), cut_replies("false")
     assert len(index.search(queries(1)[0], 100, SearchFilter(region="fr"))) == 100
     assert [c[2] for c in index.calls] == [SearchFilter(region="fr").expression(), ""]
+    assert cut_replies("true") == repaired + 1  # operators see it: recsys_ann_replies_cut_total
     # A filter the unfiltered search finds nothing for either: the 1 hit stands, and for a while
     # its next 0-1 hit answers are taken as they are.
     westerns = SearchFilter(categories=("Western",), region="fr")
@@ -135,6 +143,7 @@ def test_a_lone_query_answered_with_one_hit_is_checked_and_a_small_filter_rememb
     assert len(index.search(queries(1)[0], 100, westerns)) == 1
     assert len(index.search(queries(1)[0], 100, westerns)) == 1
     assert [c[2] for c in index.calls] == [westerns.expression(), "", "", westerns.expression()]  # 4x, then 16x deep
+    assert cut_replies("false") == not_repaired + 1
 
 
 def test_a_shared_search_cut_short_is_answered_by_one_unfiltered_search() -> None:
