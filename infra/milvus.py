@@ -243,8 +243,11 @@ class SearchFilter:
             ("published_at", "cold") if self.fresh_since is not None else ())
 
     def passes(self, columns: Mapping[str, Sequence[Any]], n: int) -> list[bool]:
-        """For n hits with these scalar columns (:meth:`fields`): which pass everything but the region and ``exclude``."""
+        """For n hits with these scalar columns (:meth:`fields`): which pass everything but ``exclude``, and
+        but the region unless the columns hold ``regions`` too (a search that did not filter by it)."""
         passed = [True] * n
+        if self.region is not None and "regions" in columns:
+            passed = [self.shown(r) for r in columns["regions"]]
         if self.category is not None:
             passed = [p and c == self.category for p, c in zip(passed, columns["category"], strict=True)]
         if self.categories:
@@ -353,8 +356,13 @@ class MilvusItemIndex:
             return True
         if found > 1 or limit <= 1 or not expr:
             return False
+        counted = self._counted_size(expr)
+        return counted is None or counted > 1
+
+    def _counted_size(self, expr: str) -> int | None:
+        """How many items the filter passed when last counted (by _remember_size), while that is recent."""
         expiry, size = self._filter_sizes.get(expr, (0.0, 0))
-        return not (expiry > time.monotonic() and size <= 1)
+        return size if expiry > time.monotonic() else None
 
     def _remember_size(self, expr: str, size: int) -> None:
         if len(self._filter_sizes) >= 10_000:
@@ -367,17 +375,13 @@ class MilvusItemIndex:
         search, the filters applied here: UNFILTERED_DEPTH[0] times the k's deep; where too few of
         those passed a filter, once more as deep as the share that passed says it needs, at most
         UNFILTERED_DEPTH[1] times the k's (a filter few items pass is not hunted through the whole index)."""
-        fields = sorted({"regions", *(name for flt, _ in wants for name in flt.fields())})
+        regions = ["regions"] if any(flt.region is not None for flt, _ in wants) else []
+        fields = sorted({*regions, *(name for flt, _ in wants for name in flt.fields())})
         total = sum(k for _, k in wants)
         depth, deepest = min(UNFILTERED_DEPTH[0] * total, MAX_TOPK), min(UNFILTERED_DEPTH[1] * total, MAX_TOPK)
         while True:
             [(hits, columns)] = self._call([vector], depth, "", timeout_s, fields)
-            out = []
-            for flt, k in wants:
-                passed = flt.passes(columns, len(hits))
-                if flt.region is not None:
-                    passed = [p and flt.shown(r) for p, r in zip(passed, columns["regions"], strict=True)]
-                out.append(list(compress(hits, passed))[:k])
+            out = [list(compress(hits, flt.passes(columns, len(hits))))[:k] for flt, k in wants]
             short = max(k / max(len(found), 1) for found, (_, k) in zip(out, wants, strict=True))
             if short <= 1 or len(hits) < depth or depth >= deepest:
                 return out
@@ -410,10 +414,11 @@ class MilvusItemIndex:
             # (at 100k items ~3% of these shared searches came back with 0-1 hit; the same query under
             # each filter alone came back cut too, 100 times in 100): one unfiltered search for all.
             again = self.search_unfiltered(vector, [(flt, k + len(flt.exclude)) for flt, k in wants], timeout_s)
-            if sum(map(len, again)) <= 1:
-                self._remember_size(expr, sum(map(len, again)))
-            _count_cut(sum(map(len, again)) > len(hits))
-            if sum(map(len, again)) > len(hits):
+            found = sum(map(len, again))
+            if found <= 1:
+                self._remember_size(expr, found)
+            _count_cut(found > len(hits))
+            if found > len(hits):
                 return [_kept(found, flt, k) for found, (flt, k) in zip(again, wants, strict=True)]
         out = [_kept(compress(hits, flt.passes(columns, len(hits))), flt, k) for flt, k in wants]
         for j, (flt, k) in enumerate(wants):
@@ -427,8 +432,8 @@ class MilvusItemIndex:
         """Whether ``found`` hits are all the filter passes, as its last own search counted (while that is recent)."""
         if flt.exclude:
             return False
-        expiry, size = self._filter_sizes.get(flt.expression(), (0.0, 0))
-        return expiry > time.monotonic() and found >= size
+        counted = self._counted_size(flt.expression())
+        return counted is not None and found >= counted
 
     def _call(self, vectors: Sequence[np.ndarray], limit: int, expr: str, timeout_s: float | None,
               output_fields: Sequence[str] = ()) -> list[tuple[list[tuple[str, float]], dict[str, Sequence[Any]]]]:
